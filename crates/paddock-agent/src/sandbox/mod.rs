@@ -1,0 +1,143 @@
+//! Sandbox backends: where a task's process runs.
+//!
+//! A backend turns a [`RunRequest`] (argv, final environment, work directory, limits) into
+//! a [`RunOutcome`]. Everything that is the same for every backend (building the
+//! environment, creating and removing the work directory, talking to the gateway) lives in
+//! the runner; a backend only starts, watches, caps and kills. Issue 2 ships `host`; the
+//! `process`, `oci`, `docker` and `vm` backends implement the same trait.
+
+pub mod host;
+pub mod output;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use paddock_proto::{ErrorCode, NetworkMode, ResultStatus, SandboxSpec, Stream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Everything a backend needs to run one attempt.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    /// Task id (for logs and names of sandbox objects).
+    pub task_id: String,
+    /// Attempt number.
+    pub attempt: u32,
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// The complete environment of the process (the runner has already applied the minimal
+    /// set, the passthrough allowlist and the per-task overrides).
+    pub env: BTreeMap<String, String>,
+    /// Written to standard input, which is then closed. `None`: stdin is `/dev/null`.
+    pub stdin: Option<String>,
+    /// The per-run work directory; exists when `run` is called.
+    pub workdir: PathBuf,
+    /// Wall-clock limit; on expiry the whole process tree gets SIGTERM, then SIGKILL after
+    /// `kill_grace`.
+    pub timeout: Duration,
+    /// Time between SIGTERM and SIGKILL.
+    pub kill_grace: Duration,
+    /// Requested network policy.
+    pub network: NetworkMode,
+    /// Cap on captured characters, per stream. Output past the cap is read and discarded.
+    pub output_max_chars: usize,
+}
+
+/// A chunk of live output, forwarded to the gateway as it is produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputChunk {
+    /// Source stream.
+    pub stream: Stream,
+    /// Text (lossy UTF-8, never splitting a character).
+    pub data: String,
+}
+
+/// The outcome of a run that started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOutcome {
+    /// Outcome class.
+    pub status: ResultStatus,
+    /// Exit code, if the process exited.
+    pub exit_code: Option<i32>,
+    /// Terminating signal, if killed.
+    pub signal: Option<i32>,
+    /// Code for timeouts, cancellation and limit kills.
+    pub error_code: Option<ErrorCode>,
+    /// Detail for the error code.
+    pub error_message: Option<String>,
+    /// Captured standard output (at most `output_max_chars` characters).
+    pub stdout: String,
+    /// Captured standard error (at most `output_max_chars` characters).
+    pub stderr: String,
+    /// Standard output was cut at the cap.
+    pub stdout_truncated: bool,
+    /// Standard error was cut at the cap.
+    pub stderr_truncated: bool,
+    /// When the process was started (ms since epoch).
+    pub started_at_ms: i64,
+    /// When the run ended (ms since epoch).
+    pub finished_at_ms: i64,
+}
+
+/// Why a run could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The backend cannot enforce the requested network mode.
+    #[error("the {backend} backend cannot enforce networkMode \"none\"")]
+    NetworkModeUnsupported {
+        /// Backend name.
+        backend: &'static str,
+    },
+    /// The process could not be started.
+    #[error("could not start {program}: {reason}")]
+    SpawnFailed {
+        /// argv\[0\].
+        program: String,
+        /// OS error text.
+        reason: String,
+    },
+    /// The request is not valid for this backend.
+    #[error("invalid sandbox request: {0}")]
+    Invalid(String),
+}
+
+impl SandboxError {
+    /// The stable code reported in the task result.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            SandboxError::NetworkModeUnsupported { .. } => ErrorCode::HostNetworkModeUnsupported,
+            SandboxError::SpawnFailed { .. } => ErrorCode::SpawnFailed,
+            SandboxError::Invalid(_) => ErrorCode::InvalidRequest,
+        }
+    }
+}
+
+/// A boxed future, so backends can be used as trait objects.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A sandbox backend.
+pub trait Sandbox: Send + Sync {
+    /// Backend name as used in `PADDOCK_AGENT_EXEC_BACKEND` and `sandbox.backend`.
+    fn name(&self) -> &'static str;
+
+    /// Refuses, before anything is created, a task this backend cannot honour (for
+    /// example `networkMode: "none"` on `host`).
+    ///
+    /// # Errors
+    /// The reason, with its code.
+    fn check(&self, spec: &SandboxSpec) -> Result<(), SandboxError>;
+
+    /// Runs one attempt to completion: starts the process, forwards output chunks to
+    /// `output` (until the cap), enforces the timeout, and honours `cancel` by killing the
+    /// process tree (SIGTERM, then SIGKILL after the grace). No process the task started
+    /// may outlive the returned future.
+    fn run<'a>(
+        &'a self,
+        req: RunRequest,
+        output: mpsc::Sender<OutputChunk>,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, Result<RunOutcome, SandboxError>>;
+}

@@ -1,0 +1,125 @@
+//! Stable error codes. They appear in API error bodies (`{"code": ..., "message": ...}`),
+//! in protocol `error` messages and in task results. A code, once shipped, keeps its
+//! spelling and meaning; add new ones, never rename.
+
+use serde::{Deserialize, Serialize};
+
+macro_rules! error_codes {
+    ($( $(#[$doc:meta])* $variant:ident => $text:literal ),+ $(,)?) => {
+        /// A stable, machine-readable error code.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum ErrorCode {
+            $( $(#[$doc])* #[serde(rename = $text)] $variant, )+
+            /// A code this build does not know (sent by a newer peer).
+            #[serde(other, rename = "UNKNOWN")]
+            Unknown,
+        }
+
+        impl ErrorCode {
+            /// Every known code, for documentation and tests.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant),+];
+
+            /// The code as it is spelled on the wire.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$variant => $text,)+
+                    ErrorCode::Unknown => "UNKNOWN",
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// The request body or parameters are invalid.
+    InvalidRequest => "INVALID_REQUEST",
+    /// Missing, malformed or unknown credentials.
+    Unauthorized => "UNAUTHORIZED",
+    /// The credentials are valid but their role does not allow this operation.
+    Forbidden => "FORBIDDEN",
+    /// The credentials belong to another org than the one addressed.
+    OrgMismatch => "ORG_MISMATCH",
+    /// `X-Org-Id` header is missing on an org-scoped endpoint.
+    OrgHeaderRequired => "ORG_HEADER_REQUIRED",
+    /// The addressed resource does not exist (or is not visible to the caller).
+    NotFound => "NOT_FOUND",
+    /// Unexpected server-side failure; details are in the server log only.
+    Internal => "INTERNAL",
+    /// The service is shutting down or its database is unreachable.
+    Unavailable => "UNAVAILABLE",
+    /// The gateway role does not serve this endpoint (`edge` vs `brain`).
+    RoleNotServed => "ROLE_NOT_SERVED",
+    /// No connected agent can run the task (selector, kind or backend).
+    NoAgentAvailable => "NO_AGENT_AVAILABLE",
+    /// The host backend cannot enforce `networkMode: "none"`.
+    HostNetworkModeUnsupported => "HOST_NETWORK_MODE_UNSUPPORTED",
+    /// The agent running the task disappeared and the task ran out of attempts.
+    AgentLost => "AGENT_LOST",
+    /// The task was not picked up before its queue deadline.
+    QueueTimeout => "QUEUE_TIMEOUT",
+    /// The task ran past its timeout and was killed.
+    TaskTimeout => "TASK_TIMEOUT",
+    /// The task was canceled by a user or by shutdown.
+    TaskCanceled => "TASK_CANCELED",
+    /// The agent could not start the task's process.
+    SpawnFailed => "SPAWN_FAILED",
+    /// The task's kind is not supported by the agent.
+    KindUnsupported => "KIND_UNSUPPORTED",
+    /// The requested sandbox backend is not available on the agent.
+    BackendUnsupported => "BACKEND_UNSUPPORTED",
+    /// The agent is at its `maxInFlight` and refused a dispatch.
+    AgentBusy => "AGENT_BUSY",
+    /// Pairing token unknown.
+    PairingTokenInvalid => "PAIRING_TOKEN_INVALID",
+    /// Pairing token older than its 15 minute lifetime.
+    PairingTokenExpired => "PAIRING_TOKEN_EXPIRED",
+    /// Pairing token already exchanged.
+    PairingTokenUsed => "PAIRING_TOKEN_USED",
+    /// The agent has been revoked; its token no longer works.
+    AgentRevoked => "AGENT_REVOKED",
+    /// A WebSocket frame exceeded the size limit.
+    FrameTooLarge => "FRAME_TOO_LARGE",
+    /// A WebSocket frame was not a valid protocol message.
+    MalformedFrame => "MALFORMED_FRAME",
+    /// The peer speaks a protocol version this build does not.
+    ProtocolVersionUnsupported => "PROTOCOL_VERSION_UNSUPPORTED",
+    /// A message arrived that is not valid in the current session state.
+    ProtocolViolation => "PROTOCOL_VIOLATION",
+    /// The result was for an attempt that is no longer current; it was ignored.
+    StaleAttempt => "STALE_ATTEMPT",
+    /// The task's org reached `GATEWAY_ORG_MAX_INFLIGHT`; the task waits queued.
+    OrgQuotaExceeded => "ORG_QUOTA_EXCEEDED",
+    /// The agent is shutting down and handed the task back.
+    AgentShuttingDown => "AGENT_SHUTTING_DOWN",
+    /// The gateway is not configured for this request (missing service token, ...).
+    GatewayNotConfigured => "GATEWAY_NOT_CONFIGURED",
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_and_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for code in ErrorCode::ALL {
+            assert!(seen.insert(code.as_str()), "duplicate code {code}");
+            let json = serde_json::to_string(code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+            let back: ErrorCode = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, *code);
+        }
+    }
+
+    #[test]
+    fn unknown_code_decodes_as_unknown() {
+        let c: ErrorCode = serde_json::from_str("\"SOMETHING_NEW\"").unwrap();
+        assert_eq!(c, ErrorCode::Unknown);
+    }
+}

@@ -1,0 +1,245 @@
+//! The task specification: what a client submits and what an agent receives in `dispatch`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Task kind for a shell task run by an agent (seed 004, `agent.execute`).
+pub const KIND_AGENT_EXECUTE: &str = "agent.execute";
+
+/// Kinds an agent of this build can run.
+pub const AGENT_KINDS: &[&str] = &[KIND_AGENT_EXECUTE];
+
+/// Default per-task timeout when the submitter gives none.
+pub const DEFAULT_TASK_TIMEOUT_MS: u64 = 60_000;
+
+/// Upper bound on a task timeout accepted by the gateway (24 h).
+pub const MAX_TASK_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
+
+/// Which agents may take a task. Matches control-plane tags only; agent-reported tags
+/// never route (seed 004).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Selector {
+    /// The agent must carry this control-plane tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// The agent must carry the control-plane tag `group:<group>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+impl Selector {
+    /// The control-plane tag this selector requires, if any.
+    ///
+    /// # Errors
+    /// Both `tag` and `group` set, or an empty value.
+    pub fn required_tag(&self) -> Result<Option<String>, String> {
+        match (&self.tag, &self.group) {
+            (Some(_), Some(_)) => Err("selector: set either `tag` or `group`, not both".into()),
+            (Some(t), None) if t.trim().is_empty() => Err("selector.tag is empty".into()),
+            (None, Some(g)) if g.trim().is_empty() => Err("selector.group is empty".into()),
+            (Some(t), None) => Ok(Some(t.clone())),
+            (None, Some(g)) => Ok(Some(format!("group:{g}"))),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// Network policy requested for the sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// No network at all. The `host` backend cannot enforce this and refuses the task
+    /// with `HOST_NETWORK_MODE_UNSUPPORTED`.
+    None,
+    /// Whatever network the backend gives by default.
+    Default,
+}
+
+/// Sandbox options of a task.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SandboxSpec {
+    /// Backend the task needs (`host`, later `process`, `oci`, `docker`, `vm`). `None`
+    /// means the agent's configured default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// Network policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_mode: Option<NetworkMode>,
+    /// Names of agent-process environment variables copied into the task's environment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_passthrough_allowlist: Vec<String>,
+}
+
+/// The shell payload of an `agent.execute` task: either an argv or a script run by `sh -c`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ShellTask {
+    /// Program and arguments, executed directly (no shell).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub argv: Vec<String>,
+    /// A script for `/bin/sh -c`, used when `argv` is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script: Option<String>,
+    /// Per-task environment, applied over the minimal environment and the passthrough.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Bytes written to the process's standard input, then closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+}
+
+impl ShellTask {
+    /// The argv to execute.
+    pub fn command(&self) -> Vec<String> {
+        if !self.argv.is_empty() {
+            self.argv.clone()
+        } else {
+            vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                self.script.clone().unwrap_or_default(),
+            ]
+        }
+    }
+}
+
+/// A task as submitted through the API and carried by `dispatch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TaskSpec {
+    /// Task kind; this build runs `agent.execute`.
+    pub kind: String,
+    /// Routing selector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<Selector>,
+    /// Shell payload, required for `agent.execute`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell: Option<ShellTask>,
+    /// Sandbox options.
+    #[serde(default)]
+    pub sandbox: SandboxSpec,
+    /// Run time limit, enforced by the agent (kill on expiry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+impl TaskSpec {
+    /// Checks what can be checked without an agent.
+    ///
+    /// # Errors
+    /// A human-readable reason, reported as `INVALID_REQUEST`.
+    pub fn validate(&self) -> Result<(), String> {
+        if !AGENT_KINDS.contains(&self.kind.as_str()) {
+            return Err(format!(
+                "unsupported kind `{}` (supported: {})",
+                self.kind,
+                AGENT_KINDS.join(", ")
+            ));
+        }
+        if let Some(sel) = &self.selector {
+            sel.required_tag()?;
+        }
+        let shell = self
+            .shell
+            .as_ref()
+            .ok_or("`shell` is required for agent.execute")?;
+        if shell.argv.is_empty() && shell.script.as_deref().is_none_or(str::is_empty) {
+            return Err("shell: give `argv` or `script`".into());
+        }
+        if shell.argv.first().is_some_and(String::is_empty) {
+            return Err("shell.argv[0] is empty".into());
+        }
+        for key in shell.env.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return Err(format!("shell.env: invalid variable name {key:?}"));
+            }
+        }
+        if let Some(t) = self.timeout_ms
+            && (t == 0 || t > MAX_TASK_TIMEOUT_MS)
+        {
+            return Err(format!("timeoutMs must be in 1..={MAX_TASK_TIMEOUT_MS}"));
+        }
+        Ok(())
+    }
+
+    /// The effective timeout.
+    pub fn timeout_ms(&self) -> u64 {
+        self.timeout_ms.unwrap_or(DEFAULT_TASK_TIMEOUT_MS)
+    }
+}
+
+/// Final status of one attempt, as reported by the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResultStatus {
+    /// The process exited with code 0.
+    Succeeded,
+    /// The process exited non-zero or was killed by a signal.
+    Failed,
+    /// The process outlived its timeout and was killed.
+    TimedOut,
+    /// The task was canceled.
+    Canceled,
+    /// The task could not run at all (see `errorCode`).
+    Error,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: &str) -> Result<TaskSpec, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+
+    #[test]
+    fn selector_group_maps_to_group_tag() {
+        let s = Selector {
+            tag: None,
+            group: Some("alpha".into()),
+        };
+        assert_eq!(s.required_tag().unwrap().as_deref(), Some("group:alpha"));
+        let both = Selector {
+            tag: Some("x".into()),
+            group: Some("y".into()),
+        };
+        assert!(both.required_tag().is_err());
+    }
+
+    #[test]
+    fn validate_rejects_bad_specs() {
+        let ok = spec(r#"{"kind":"agent.execute","shell":{"argv":["true"]}}"#).unwrap();
+        ok.validate().unwrap();
+        let no_shell = spec(r#"{"kind":"agent.execute"}"#).unwrap();
+        assert!(no_shell.validate().is_err());
+        let bad_kind = spec(r#"{"kind":"nope","shell":{"argv":["true"]}}"#).unwrap();
+        assert!(
+            bad_kind
+                .validate()
+                .unwrap_err()
+                .contains("unsupported kind")
+        );
+        let zero =
+            spec(r#"{"kind":"agent.execute","shell":{"script":"x"},"timeoutMs":0}"#).unwrap();
+        assert!(zero.validate().is_err());
+        let bad_env =
+            spec(r#"{"kind":"agent.execute","shell":{"argv":["a"],"env":{"A=B":"c"}}}"#).unwrap();
+        assert!(bad_env.validate().is_err());
+        assert!(
+            spec(r#"{"kind":"agent.execute","bogus":1}"#).is_err(),
+            "unknown fields refused"
+        );
+    }
+
+    #[test]
+    fn script_runs_through_sh() {
+        let s = ShellTask {
+            script: Some("echo hi".into()),
+            ..Default::default()
+        };
+        assert_eq!(s.command(), vec!["/bin/sh", "-c", "echo hi"]);
+    }
+}

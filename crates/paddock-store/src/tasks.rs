@@ -1,0 +1,811 @@
+//! Tasks: submission, claiming by agents, leases, results (first completion wins), output
+//! chunks, events, and the reapers' queries.
+//!
+//! State machine: `queued -> dispatched -> running -> succeeded|failed|timed_out|canceled`.
+//! A dispatched or running task whose lease expires goes back to `queued` while attempts
+//! remain, else fails with `AGENT_LOST`. A result is stored only if it is for the current
+//! attempt and the task is not already finished.
+
+use paddock_proto::{ErrorCode, ResultStatus, TaskResult, TaskSpec};
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use crate::{Dialect, Result, Store, StoreError, placeholders};
+
+/// Lifecycle state of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Waiting for an eligible agent.
+    Queued,
+    /// Sent to an agent, not yet accepted.
+    Dispatched,
+    /// Accepted by an agent.
+    Running,
+    /// Exit code 0.
+    Succeeded,
+    /// Non-zero exit, signal, agent lost, queue timeout or could not run.
+    Failed,
+    /// Killed after its timeout.
+    TimedOut,
+    /// Canceled.
+    Canceled,
+}
+
+impl TaskState {
+    /// All states, for metrics.
+    pub const ALL: [TaskState; 7] = [
+        TaskState::Queued,
+        TaskState::Dispatched,
+        TaskState::Running,
+        TaskState::Succeeded,
+        TaskState::Failed,
+        TaskState::TimedOut,
+        TaskState::Canceled,
+    ];
+
+    /// Stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Queued => "queued",
+            TaskState::Dispatched => "dispatched",
+            TaskState::Running => "running",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::TimedOut => "timed_out",
+            TaskState::Canceled => "canceled",
+        }
+    }
+
+    /// Parses the stored spelling.
+    pub fn parse(s: &str) -> Option<TaskState> {
+        TaskState::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    /// No further transitions.
+    pub fn is_terminal(self) -> bool {
+        !matches!(
+            self,
+            TaskState::Queued | TaskState::Dispatched | TaskState::Running
+        )
+    }
+
+    fn from_result(status: ResultStatus) -> TaskState {
+        match status {
+            ResultStatus::Succeeded => TaskState::Succeeded,
+            ResultStatus::Failed | ResultStatus::Error => TaskState::Failed,
+            ResultStatus::TimedOut => TaskState::TimedOut,
+            ResultStatus::Canceled => TaskState::Canceled,
+        }
+    }
+}
+
+/// A task to insert.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    /// Org.
+    pub org_id: String,
+    /// Validated spec.
+    pub spec: TaskSpec,
+    /// Attempts allowed when agents are lost (at least 1).
+    pub max_attempts: u32,
+    /// The task fails with `QUEUE_TIMEOUT` if not dispatched by then (ms since epoch).
+    pub queue_deadline_at: i64,
+}
+
+/// A stored task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskRow {
+    /// Task id.
+    pub id: String,
+    /// Org.
+    pub org_id: String,
+    /// Kind.
+    pub kind: String,
+    /// State.
+    pub state: TaskState,
+    /// Current attempt (0 before the first dispatch).
+    pub attempt: u32,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// Agent holding the current attempt.
+    pub agent_id: Option<String>,
+    /// Spec as submitted.
+    pub spec: TaskSpec,
+    /// Timestamps (ms since epoch).
+    pub created_at: i64,
+    /// Dispatch time of the current attempt.
+    pub dispatched_at: Option<i64>,
+    /// Start time of the current attempt.
+    pub started_at: Option<i64>,
+    /// End time.
+    pub finished_at: Option<i64>,
+    /// Exit code.
+    pub exit_code: Option<i32>,
+    /// Error code for failures that are not plain non-zero exits.
+    pub error_code: Option<String>,
+    /// Error detail.
+    pub error_message: Option<String>,
+    /// The agent's full result, when one was stored.
+    pub result: Option<TaskResult>,
+    /// When the stored result will be deleted.
+    pub expires_at: Option<i64>,
+}
+
+/// What an agent with free slots can take.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest<'a> {
+    /// The agent's org.
+    pub org_id: &'a str,
+    /// The agent.
+    pub agent_id: &'a str,
+    /// Its control-plane tags.
+    pub tags: &'a [String],
+    /// Kinds it runs.
+    pub kinds: &'a [String],
+    /// Backends it has.
+    pub backends: &'a [String],
+    /// Most tasks to claim.
+    pub limit: u32,
+    /// Lease deadline for the claimed attempts.
+    pub lease_until: i64,
+    /// Per-org cap on dispatched + running tasks, if any.
+    pub org_max_inflight: Option<u32>,
+    /// Now (ms since epoch).
+    pub now: i64,
+}
+
+/// A task claimed for an agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClaimedTask {
+    /// Task id.
+    pub id: String,
+    /// The new attempt number.
+    pub attempt: u32,
+    /// What to run.
+    pub spec: TaskSpec,
+    /// Submission time (for the dispatch latency histogram).
+    pub created_at: i64,
+}
+
+/// Count of tasks in a state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateCount {
+    /// State.
+    pub state: TaskState,
+    /// Number of tasks.
+    pub count: i64,
+}
+
+/// A task that left the running states because of a reaper, for logging and waking waiters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReapedTask {
+    /// Task id.
+    pub id: String,
+    /// Org.
+    pub org_id: String,
+}
+
+/// A stored output chunk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutputRow {
+    /// Attempt.
+    pub attempt: u32,
+    /// Sequence within the attempt.
+    pub seq: u64,
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    /// Text.
+    pub data: String,
+}
+
+/// A stored event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventRow {
+    /// Event id (time-ordered).
+    pub id: String,
+    /// Attempt.
+    pub attempt: u32,
+    /// Name.
+    pub name: String,
+    /// Payload.
+    pub payload: serde_json::Value,
+    /// Time.
+    pub created_at: i64,
+}
+
+const TASK_COLUMNS: &str = "id, org_id, kind, state, attempt, max_attempts, agent_id, spec, created_at, dispatched_at, started_at, finished_at, exit_code, error_code, error_message, result, expires_at";
+
+fn corrupt(what: &'static str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        what,
+        detail: e.to_string(),
+    }
+}
+
+fn task_from_row(r: &AnyRow) -> Result<TaskRow> {
+    let state: String = r.get("state");
+    let spec: String = r.get("spec");
+    let result: Option<String> = r.get("result");
+    Ok(TaskRow {
+        id: r.get("id"),
+        org_id: r.get("org_id"),
+        kind: r.get("kind"),
+        state: TaskState::parse(&state).ok_or_else(|| corrupt("tasks.state", &state))?,
+        attempt: r.get::<i64, _>("attempt") as u32,
+        max_attempts: r.get::<i64, _>("max_attempts") as u32,
+        agent_id: r.get("agent_id"),
+        spec: serde_json::from_str(&spec).map_err(|e| corrupt("tasks.spec", e))?,
+        created_at: r.get("created_at"),
+        dispatched_at: r.get("dispatched_at"),
+        started_at: r.get("started_at"),
+        finished_at: r.get("finished_at"),
+        exit_code: r.get::<Option<i64>, _>("exit_code").map(|c| c as i32),
+        error_code: r.get("error_code"),
+        error_message: r.get("error_message"),
+        result: result
+            .map(|t| serde_json::from_str(&t).map_err(|e| corrupt("tasks.result", e)))
+            .transpose()?,
+        expires_at: r.get("expires_at"),
+    })
+}
+
+impl Store {
+    /// Inserts a queued task and returns its id (UUID v7, so ids sort by submission time).
+    ///
+    /// # Errors
+    /// Database failure.
+    pub async fn insert_task(&self, task: &NewTask) -> Result<String> {
+        let id = uuid::Uuid::now_v7().to_string();
+        let now = paddock_proto::now_ms();
+        let required_tag = task
+            .spec
+            .selector
+            .as_ref()
+            .and_then(|s| s.required_tag().ok().flatten());
+        let spec = serde_json::to_string(&task.spec).map_err(|e| corrupt("tasks.spec", e))?;
+        sqlx::query(
+            "INSERT INTO tasks (id, org_id, kind, required_tag, backend, spec, state, attempt, max_attempts, queue_deadline_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, 'queued', 0, $7, $8, $9, $9)",
+        )
+        .bind(&id)
+        .bind(&task.org_id)
+        .bind(&task.spec.kind)
+        .bind(required_tag)
+        .bind(task.spec.sandbox.backend.clone())
+        .bind(spec)
+        .bind(i64::from(task.max_attempts.max(1)))
+        .bind(task.queue_deadline_at)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    /// One task of an org.
+    ///
+    /// # Errors
+    /// Database failure or a corrupt row.
+    pub async fn get_task(&self, org_id: &str, task_id: &str) -> Result<Option<TaskRow>> {
+        let row = sqlx::query(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1 AND org_id = $2"
+        ))
+        .bind(task_id)
+        .bind(org_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(task_from_row).transpose()
+    }
+
+    /// Recent tasks of an org, newest first, optionally in one state.
+    ///
+    /// # Errors
+    /// Database failure or a corrupt row.
+    pub async fn list_tasks(
+        &self,
+        org_id: &str,
+        state: Option<TaskState>,
+        limit: u32,
+    ) -> Result<Vec<TaskRow>> {
+        let rows = match state {
+            Some(s) => {
+                sqlx::query(&format!(
+                    "SELECT {TASK_COLUMNS} FROM tasks WHERE org_id = $1 AND state = $2 ORDER BY id DESC LIMIT $3"
+                ))
+                .bind(org_id)
+                .bind(s.as_str())
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query(&format!(
+                    "SELECT {TASK_COLUMNS} FROM tasks WHERE org_id = $1 ORDER BY id DESC LIMIT $2"
+                ))
+                .bind(org_id)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        rows.iter().map(task_from_row).collect()
+    }
+
+    /// Claims up to `limit` queued tasks the agent is eligible for, oldest first, moving them
+    /// to `dispatched` with a new attempt number and a lease. Safe across replicas: on
+    /// PostgreSQL rows are locked with `FOR UPDATE SKIP LOCKED` and the per-org in-flight cap
+    /// is checked under a per-org transaction-scoped advisory lock; on SQLite the single
+    /// writer serialises claims.
+    ///
+    /// # Errors
+    /// Database failure or a corrupt row.
+    pub async fn claim_tasks(&self, req: &ClaimRequest<'_>) -> Result<Vec<ClaimedTask>> {
+        if req.limit == 0 || req.kinds.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin().await?;
+        let mut limit = i64::from(req.limit);
+        if let Some(max) = req.org_max_inflight {
+            if self.dialect == Dialect::Postgres {
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+                    .bind(req.org_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let inflight: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM tasks WHERE org_id = $1 AND state IN ('dispatched', 'running')",
+            )
+            .bind(req.org_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            limit = limit.min(i64::from(max) - inflight);
+            if limit <= 0 {
+                tx.rollback().await?;
+                return Ok(Vec::new());
+            }
+        }
+        // The pick is a materialised CTE: as a plain `IN (SELECT .. LIMIT)` PostgreSQL may
+        // evaluate the subquery more than once and claim past the limit.
+        // $1 agent, $2 lease, $3 now, $4 org, $5 limit, then kinds, tags, backends.
+        let mut next = 6;
+        let kinds = placeholders(next, req.kinds.len());
+        next += req.kinds.len();
+        let tag_clause = if req.tags.is_empty() {
+            "required_tag IS NULL".to_string()
+        } else {
+            let p = placeholders(next, req.tags.len());
+            next += req.tags.len();
+            format!("(required_tag IS NULL OR required_tag IN ({p}))")
+        };
+        let backend_clause = if req.backends.is_empty() {
+            "backend IS NULL".to_string()
+        } else {
+            let p = placeholders(next, req.backends.len());
+            format!("(backend IS NULL OR backend IN ({p}))")
+        };
+        let lock = match self.dialect {
+            Dialect::Postgres => "FOR UPDATE SKIP LOCKED",
+            Dialect::Sqlite => "",
+        };
+        let sql = format!(
+            "WITH picked AS MATERIALIZED (SELECT id FROM tasks WHERE org_id = $4 AND state = 'queued' AND cancel_requested = 0 AND queue_deadline_at > $3 \
+             AND kind IN ({kinds}) AND {tag_clause} AND {backend_clause} ORDER BY created_at, id LIMIT $5 {lock}) \
+             UPDATE tasks SET state = 'dispatched', agent_id = $1, attempt = attempt + 1, lease_expires_at = $2, dispatched_at = $3, started_at = NULL, updated_at = $3 \
+             WHERE state = 'queued' AND id IN (SELECT id FROM picked) \
+             RETURNING id, attempt, spec, created_at"
+        );
+        let mut q = sqlx::query(&sql)
+            .bind(req.agent_id)
+            .bind(req.lease_until)
+            .bind(req.now)
+            .bind(req.org_id)
+            .bind(limit);
+        for v in req.kinds.iter().chain(req.tags).chain(req.backends) {
+            q = q.bind(v);
+        }
+        let rows = q.fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        let mut claimed = rows
+            .iter()
+            .map(|r| {
+                let spec: String = r.get("spec");
+                Ok(ClaimedTask {
+                    id: r.get("id"),
+                    attempt: r.get::<i64, _>("attempt") as u32,
+                    spec: serde_json::from_str(&spec).map_err(|e| corrupt("tasks.spec", e))?,
+                    created_at: r.get("created_at"),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        claimed.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(claimed)
+    }
+
+    /// Undoes a claim whose dispatch could not be sent (the agent's connection closed first):
+    /// back to `queued` without consuming the attempt.
+    ///
+    /// # Errors
+    /// Database failure.
+    pub async fn release_claim(&self, task_id: &str, attempt: u32) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tasks SET state = 'queued', attempt = attempt - 1, agent_id = NULL, lease_expires_at = NULL, dispatched_at = NULL, updated_at = $1 WHERE id = $2 AND attempt = $3 AND state = 'dispatched'",
+        )
+        .bind(paddock_proto::now_ms())
+        .bind(task_id)
+        .bind(i64::from(attempt))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Marks the current attempt as started by its agent (`accepted`).
+    ///
+    /// # Errors
+    /// Database failure.
+    pub async fn mark_task_running(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        agent_id: &str,
+        now: i64,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tasks SET state = 'running', started_at = $1, updated_at = $1 WHERE id = $2 AND attempt = $3 AND agent_id = $4 AND state = 'dispatched'",
+        )
+        .bind(now)
+        .bind(task_id)
+        .bind(i64::from(attempt))
+        .bind(agent_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Re-binds a task an agent reports as still running after a reconnect: same attempt,
+    /// same org. A task that was re-queued meanwhile (and not yet re-dispatched) is taken
+    /// back. Returns `false` when the attempt is no longer the agent's (it should stop it).
+    ///
+    /// # Errors
+    /// Database failure.
+    pub async fn rebind_task(
+        &self,
+        org_id: &str,
+        task_id: &str,
+        attempt: u32,
+        agent_id: &str,
+        lease_until: i64,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tasks SET agent_id = $1, lease_expires_at = $2, state = CASE WHEN state = 'queued' THEN 'running' ELSE state END, updated_at = $3 \
+             WHERE id = $4 AND org_id = $5 AND attempt = $6 AND state IN ('queued', 'dispatched', 'running') AND cancel_requested = 0",
+        )
+        .bind(agent_id)
+        .bind(lease_until)
+        .bind(paddock_proto::now_ms())
+        .bind(task_id)
+        .bind(org_id)
+        .bind(i64::from(attempt))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Stores the result of an attempt if, and only if, it is the current attempt and the task
+    /// has not finished: the first completion wins, late or duplicate results are ignored.
+    /// Returns whether the result was stored. The result is kept `ttl_ms`.
+    ///
+    /// # Errors
+    /// Database failure.
+    pub async fn complete_task(
+        &self,
+        org_id: &str,
+        result: &TaskResult,
+        ttl_ms: i64,
+    ) -> Result<bool> {
+        let state = TaskState::from_result(result.status);
+        let now = paddock_proto::now_ms();
+        let json = serde_json::to_string(result).map_err(|e| corrupt("tasks.result", e))?;
+        let done = sqlx::query(
+            "UPDATE tasks SET state = $1, finished_at = $2, updated_at = $2, started_at = COALESCE(started_at, $3), exit_code = $4, error_code = $5, error_message = $6, result = $7, expires_at = $8, lease_expires_at = NULL \
+             WHERE id = $9 AND org_id = $10 AND attempt = $11 AND state IN ('queued', 'dispatched', 'running')",
+        )
+        .bind(state.as_str())
+        .bind(now)
+        .bind(result.started_at_ms)
+        .bind(result.exit_code.map(i64::from))
+        .bind(result.error_code.map(|c| c.as_str().to_string()))
+        .bind(result.error_message.clone())
+        .bind(json)
+        .bind(now + ttl_ms)
+        .bind(&result.task_id)
+        .bind(org_id)
+        .bind(i64::from(result.attempt))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Cancels a task. A queued task is finished at once (`Ok(Some(Canceled))`); a dispatched
+    /// or running one is flagged so it is never re-dispatched, and the caller tells its agent
+    /// (`Ok(Some(Running))`). `Ok(None)`: not found or already finished.
+    ///
+    /// # Errors
+    /// Database failure.
+    pub async fn cancel_task(
+        &self,
+        org_id: &str,
+        task_id: &str,
+        ttl_ms: i64,
+    ) -> Result<Option<(TaskState, Option<String>, u32)>> {
+        let now = paddock_proto::now_ms();
+        let done = sqlx::query(
+            "UPDATE tasks SET state = 'canceled', cancel_requested = 1, finished_at = $1, updated_at = $1, error_code = $2, error_message = 'canceled before dispatch', expires_at = $3 WHERE id = $4 AND org_id = $5 AND state = 'queued'",
+        )
+        .bind(now)
+        .bind(ErrorCode::TaskCanceled.as_str())
+        .bind(now + ttl_ms)
+        .bind(task_id)
+        .bind(org_id)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 1 {
+            return Ok(Some((TaskState::Canceled, None, 0)));
+        }
+        let row = sqlx::query(
+            "UPDATE tasks SET cancel_requested = 1, updated_at = $1 WHERE id = $2 AND org_id = $3 AND state IN ('dispatched', 'running') RETURNING agent_id, attempt",
+        )
+        .bind(now)
+        .bind(task_id)
+        .bind(org_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| {
+            (
+                TaskState::Running,
+                r.get::<Option<String>, _>("agent_id"),
+                r.get::<i64, _>("attempt") as u32,
+            )
+        }))
+    }
+
+    /// Lease reaper: tasks whose lease expired. Those out of attempts (or canceled) fail with
+    /// `AGENT_LOST`; the others go back to the queue, their queue deadline pushed to at least
+    /// `requeue_deadline`. Returns (failed, requeued).
+    ///
+    /// # Errors
+    /// Database failure.
+    pub async fn expire_leases(
+        &self,
+        now: i64,
+        ttl_ms: i64,
+        requeue_deadline: i64,
+    ) -> Result<(Vec<ReapedTask>, Vec<ReapedTask>)> {
+        let failed = sqlx::query(
+            "UPDATE tasks SET state = 'failed', error_code = $1, error_message = 'the agent running this task was lost and no attempts remain', finished_at = $2, updated_at = $2, expires_at = $3, lease_expires_at = NULL \
+             WHERE state IN ('dispatched', 'running') AND lease_expires_at < $2 AND (attempt >= max_attempts OR cancel_requested = 1) RETURNING id, org_id",
+        )
+        .bind(ErrorCode::AgentLost.as_str())
+        .bind(now)
+        .bind(now + ttl_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        let requeued = sqlx::query(
+            "UPDATE tasks SET state = 'queued', agent_id = NULL, lease_expires_at = NULL, updated_at = $1, queue_deadline_at = CASE WHEN queue_deadline_at < $2 THEN $2 ELSE queue_deadline_at END \
+             WHERE state IN ('dispatched', 'running') AND lease_expires_at < $1 RETURNING id, org_id",
+        )
+        .bind(now)
+        .bind(requeue_deadline)
+        .fetch_all(&self.pool)
+        .await?;
+        let map = |rows: Vec<AnyRow>| {
+            rows.iter()
+                .map(|r| ReapedTask {
+                    id: r.get("id"),
+                    org_id: r.get("org_id"),
+                })
+                .collect::<Vec<_>>()
+        };
+        Ok((map(failed), map(requeued)))
+    }
+
+    /// Queue reaper: queued tasks past their deadline fail, with `QUEUE_TIMEOUT` if they never
+    /// ran, `AGENT_LOST` if they were re-queued after losing their agent.
+    ///
+    /// # Errors
+    /// Database failure.
+    pub async fn expire_queued(&self, now: i64, ttl_ms: i64) -> Result<Vec<ReapedTask>> {
+        let rows = sqlx::query(
+            "UPDATE tasks SET state = 'failed', error_code = CASE WHEN attempt = 0 THEN $1 ELSE $2 END, error_message = CASE WHEN attempt = 0 THEN 'no eligible agent took the task before its queue deadline' ELSE 'the agent running this task was lost and no agent took it again before its deadline' END, finished_at = $3, updated_at = $3, expires_at = $4 \
+             WHERE state = 'queued' AND queue_deadline_at < $3 RETURNING id, org_id",
+        )
+        .bind(ErrorCode::QueueTimeout.as_str())
+        .bind(ErrorCode::AgentLost.as_str())
+        .bind(now)
+        .bind(now + ttl_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ReapedTask {
+                id: r.get("id"),
+                org_id: r.get("org_id"),
+            })
+            .collect())
+    }
+
+    /// Results reaper: deletes finished tasks (with their output and events) whose results
+    /// are older than their TTL. Returns how many tasks were deleted.
+    ///
+    /// # Errors
+    /// Database failure.
+    pub async fn delete_expired_results(&self, now: i64) -> Result<u64> {
+        let ids: Vec<String> =
+            sqlx::query_scalar("SELECT id FROM tasks WHERE expires_at < $1 LIMIT 1000")
+                .bind(now)
+                .fetch_all(&self.pool)
+                .await?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let list = placeholders(1, ids.len());
+        let mut tx = self.pool.begin().await?;
+        for table in ["task_output", "task_events"] {
+            let sql = format!("DELETE FROM {table} WHERE task_id IN ({list})");
+            let mut q = sqlx::query(&sql);
+            for id in &ids {
+                q = q.bind(id);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        let sql = format!("DELETE FROM tasks WHERE id IN ({list})");
+        let mut q = sqlx::query(&sql);
+        for id in &ids {
+            q = q.bind(id);
+        }
+        let done = q.execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Appends a live output chunk (idempotent on task, attempt and seq).
+    ///
+    /// # Errors
+    /// Database failure.
+    pub async fn append_output(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        seq: u64,
+        stream: &str,
+        data: &str,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO task_output (task_id, attempt, seq, stream, data, created_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (task_id, attempt, seq) DO NOTHING",
+        )
+        .bind(task_id)
+        .bind(i64::from(attempt))
+        .bind(seq as i64)
+        .bind(stream)
+        .bind(data)
+        .bind(paddock_proto::now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Output chunks of one attempt after `after_seq`, in order.
+    ///
+    /// # Errors
+    /// Database failure.
+    pub async fn read_output(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<OutputRow>> {
+        let rows = sqlx::query(
+            "SELECT attempt, seq, stream, data FROM task_output WHERE task_id = $1 AND attempt = $2 AND seq > $3 ORDER BY seq LIMIT $4",
+        )
+        .bind(task_id)
+        .bind(i64::from(attempt))
+        .bind(after_seq as i64)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| OutputRow {
+                attempt: r.get::<i64, _>("attempt") as u32,
+                seq: r.get::<i64, _>("seq") as u64,
+                stream: r.get("stream"),
+                data: r.get("data"),
+            })
+            .collect())
+    }
+
+    /// Records a task event.
+    ///
+    /// # Errors
+    /// Database failure.
+    pub async fn add_event(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        name: &str,
+        payload: &serde_json::Value,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO task_events (id, task_id, attempt, name, payload, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(uuid::Uuid::now_v7().to_string())
+        .bind(task_id)
+        .bind(i64::from(attempt))
+        .bind(name)
+        .bind(payload.to_string())
+        .bind(paddock_proto::now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Events of a task, oldest first.
+    ///
+    /// # Errors
+    /// Database failure.
+    pub async fn list_events(&self, task_id: &str) -> Result<Vec<EventRow>> {
+        let rows = sqlx::query(
+            "SELECT id, attempt, name, payload, created_at FROM task_events WHERE task_id = $1 ORDER BY id",
+        )
+        .bind(task_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let payload: String = r.get("payload");
+                Ok(EventRow {
+                    id: r.get("id"),
+                    attempt: r.get::<i64, _>("attempt") as u32,
+                    name: r.get("name"),
+                    payload: serde_json::from_str(&payload)
+                        .map_err(|e| corrupt("task_events.payload", e))?,
+                    created_at: r.get("created_at"),
+                })
+            })
+            .collect()
+    }
+
+    /// Tasks by state, for metrics.
+    ///
+    /// # Errors
+    /// Database failure.
+    pub async fn count_tasks_by_state(&self) -> Result<Vec<StateCount>> {
+        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                Some(StateCount {
+                    state: TaskState::parse(&r.get::<String, _>("state"))?,
+                    count: r.get("n"),
+                })
+            })
+            .collect())
+    }
+
+    /// Orgs that have queued tasks (for the dispatcher's periodic sweep).
+    ///
+    /// # Errors
+    /// Database failure.
+    pub async fn orgs_with_queued_tasks(&self) -> Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT DISTINCT org_id FROM tasks WHERE state = 'queued'")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+}

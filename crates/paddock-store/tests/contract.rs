@@ -1,0 +1,883 @@
+//! One contract suite, run against both backends: every case below runs once on a fresh
+//! SQLite file and once on a fresh PostgreSQL database.
+#![allow(clippy::unwrap_used)]
+
+use paddock_proto::{
+    Capabilities, ErrorCode, ResultStatus, Selector, ShellTask, TaskResult, TaskSpec,
+};
+use paddock_store::testing::{postgres_url, sqlite_url};
+use paddock_store::{ClaimRequest, NewTask, PairingError, Role, Store, TaskState};
+
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let dir = tempfile::tempdir().unwrap();
+                let store = paddock_store::Store::connect(&paddock_store::testing::sqlite_url(dir.path())).await.unwrap();
+                super::$name(store).await;
+            } )*
+        }
+        mod postgres {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let Some(url) = paddock_store::testing::postgres_url().await else { return };
+                let store = paddock_store::Store::connect(&url).await.unwrap();
+                super::$name(store).await;
+            } )*
+        }
+    };
+}
+
+contract!(
+    orgs_and_api_tokens,
+    pairing_tokens_are_single_use_and_expire,
+    agent_tokens_tags_and_revocation,
+    claims_follow_selector_kind_backend_and_org,
+    claims_honour_limit_and_org_cap,
+    first_completion_wins,
+    lost_agents_requeue_then_fail,
+    queued_tasks_time_out,
+    cancel_queued_and_running,
+    results_expire_after_ttl,
+    output_and_events,
+    concurrent_claims_never_double_dispatch,
+    reconnect_rebinds_running_tasks,
+    migrations_are_idempotent,
+);
+
+fn shell(argv: &[&str]) -> TaskSpec {
+    TaskSpec {
+        kind: "agent.execute".into(),
+        selector: None,
+        shell: Some(ShellTask {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }),
+        sandbox: Default::default(),
+        timeout_ms: None,
+    }
+}
+
+fn new_task(org: &str, spec: TaskSpec) -> NewTask {
+    NewTask {
+        org_id: org.into(),
+        spec,
+        max_attempts: 2,
+        queue_deadline_at: paddock_proto::now_ms() + 60_000,
+    }
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+struct AgentView {
+    tags: Vec<String>,
+    kinds: Vec<String>,
+    backends: Vec<String>,
+}
+
+impl AgentView {
+    fn plain() -> Self {
+        AgentView {
+            tags: vec![],
+            kinds: strings(&["agent.execute"]),
+            backends: strings(&["host"]),
+        }
+    }
+    fn req<'a>(&'a self, org: &'a str, agent: &'a str, limit: u32) -> ClaimRequest<'a> {
+        ClaimRequest {
+            org_id: org,
+            agent_id: agent,
+            tags: &self.tags,
+            kinds: &self.kinds,
+            backends: &self.backends,
+            limit,
+            lease_until: paddock_proto::now_ms() + 30_000,
+            org_max_inflight: None,
+            now: paddock_proto::now_ms(),
+        }
+    }
+}
+
+fn result(task: &str, attempt: u32, status: ResultStatus, code: i32) -> TaskResult {
+    TaskResult {
+        task_id: task.into(),
+        attempt,
+        status,
+        exit_code: Some(code),
+        signal: None,
+        error_code: None,
+        error_message: None,
+        stdout: format!("attempt {attempt}"),
+        stderr: String::new(),
+        stdout_truncated: false,
+        stderr_truncated: false,
+        started_at_ms: paddock_proto::now_ms(),
+        finished_at_ms: paddock_proto::now_ms(),
+    }
+}
+
+async fn orgs_and_api_tokens(store: Store) {
+    let org = store.create_org("acme").await.unwrap();
+    assert_eq!(store.get_org(&org.id).await.unwrap().unwrap().name, "acme");
+    let (token_id, token) = store
+        .create_api_token(&org.id, Role::Admin, "ci")
+        .await
+        .unwrap();
+    let p = store.authenticate_api_token(&token).await.unwrap().unwrap();
+    assert_eq!(
+        (p.org_id.as_str(), p.role, p.token_id.as_str()),
+        (org.id.as_str(), Role::Admin, token_id.as_str())
+    );
+    assert!(
+        store
+            .authenticate_api_token("pdk_nope")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .authenticate_api_token(&format!("{token}x"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let other = store.create_org("other").await.unwrap();
+    assert!(
+        !store.revoke_api_token(&other.id, &token_id).await.unwrap(),
+        "cross-org revoke must not work"
+    );
+    assert!(store.revoke_api_token(&org.id, &token_id).await.unwrap());
+    assert!(
+        store
+            .authenticate_api_token(&token)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(store.list_orgs().await.unwrap().len(), 2);
+}
+
+async fn pairing_tokens_are_single_use_and_expire(store: Store) {
+    let org = store.create_org("acme").await.unwrap();
+    let (token, expires) = store.create_pairing_token(&org.id, "t").await.unwrap();
+    let now = paddock_proto::now_ms();
+    assert!(
+        (expires - now - 15 * 60 * 1000).abs() < 5_000,
+        "15 minute lifetime"
+    );
+    let (agent, agent_token) = store.pair_agent(&token, "box", now).await.unwrap().unwrap();
+    assert_eq!(agent.org_id, org.id);
+    assert_eq!(agent.pool, "byon");
+    assert!(
+        agent_token.starts_with(&format!("{}.", org.id)),
+        "agent token is <orgId>.<secret>"
+    );
+    assert_eq!(
+        store
+            .pair_agent(&token, "again", now)
+            .await
+            .unwrap()
+            .unwrap_err(),
+        PairingError::Used
+    );
+    assert_eq!(
+        store
+            .pair_agent("pdp_unknown", "x", now)
+            .await
+            .unwrap()
+            .unwrap_err(),
+        PairingError::Invalid
+    );
+    let (late, _) = store.create_pairing_token(&org.id, "t").await.unwrap();
+    let after = now + 15 * 60 * 1000 + 1_000;
+    assert_eq!(
+        store
+            .pair_agent(&late, "x", after)
+            .await
+            .unwrap()
+            .unwrap_err(),
+        PairingError::Expired
+    );
+    // Two concurrent exchanges of one token: exactly one wins.
+    let (race, _) = store.create_pairing_token(&org.id, "t").await.unwrap();
+    let (a, b) = tokio::join!(
+        store.pair_agent(&race, "a", now),
+        store.pair_agent(&race, "b", now)
+    );
+    let wins = [a.unwrap().is_ok(), b.unwrap().is_ok()]
+        .iter()
+        .filter(|w| **w)
+        .count();
+    assert_eq!(wins, 1);
+}
+
+async fn agent_tokens_tags_and_revocation(store: Store) {
+    let org = store.create_org("acme").await.unwrap();
+    let other = store.create_org("other").await.unwrap();
+    let (agent, token) = store
+        .issue_managed_agent(&org.id, "m1", &strings(&["east"]))
+        .await
+        .unwrap();
+    assert_eq!(agent.pool, "managed");
+    assert_eq!(
+        store.authenticate_agent(&token).await.unwrap().unwrap().id,
+        agent.id
+    );
+    // A token whose org prefix was changed does not authenticate.
+    let (_, secret) = token.split_once('.').unwrap();
+    assert!(
+        store
+            .authenticate_agent(&format!("{}.{secret}", other.id))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(store.authenticate_agent("garbage").await.unwrap().is_none());
+    // Tags: control plane only; cross-org updates see nothing.
+    assert!(
+        store
+            .set_agent_tags(&other.id, &agent.id, &strings(&["x"]))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let a = store
+        .set_agent_tags(&org.id, &agent.id, &strings(&["west", "group:beta"]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.tags, strings(&["west", "group:beta"]));
+    let caps = Capabilities {
+        tags: strings(&["reported"]),
+        max_in_flight: 3,
+        kinds: strings(&["agent.execute"]),
+        ..Default::default()
+    };
+    store
+        .mark_agent_connected(&agent.id, "r1", &caps, "0.1.0", paddock_proto::now_ms())
+        .await
+        .unwrap();
+    let a = store.get_agent(&org.id, &agent.id).await.unwrap().unwrap();
+    assert_eq!(a.reported_tags, strings(&["reported"]));
+    assert_eq!(
+        a.tags,
+        strings(&["west", "group:beta"]),
+        "reported tags never replace control-plane tags"
+    );
+    assert_eq!(a.capabilities.unwrap().max_in_flight, 3);
+    assert_eq!(store.list_live_agents(&org.id, 0).await.unwrap().len(), 1);
+    assert!(
+        store
+            .list_live_agents(&other.id, 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .touch_agents(&[agent.id.clone()], paddock_proto::now_ms(), 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .revoke_agent(&other.id, &agent.id)
+            .await
+            .unwrap()
+            .is_none(),
+        "cross-org revoke"
+    );
+    let a = store
+        .revoke_agent(&org.id, &agent.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(a.revoked_at.is_some());
+    assert_eq!(
+        store
+            .touch_agents(&[agent.id.clone()], paddock_proto::now_ms(), 0)
+            .await
+            .unwrap(),
+        vec![agent.id.clone()]
+    );
+    assert!(
+        store.list_live_agents(&org.id, 0).await.unwrap().is_empty(),
+        "revoked agents are not live"
+    );
+    store
+        .mark_agent_disconnected(&agent.id, "other-replica")
+        .await
+        .unwrap();
+    assert!(
+        store
+            .get_agent(&org.id, &agent.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .connected_replica
+            .is_some(),
+        "only the holder clears"
+    );
+    store
+        .mark_agent_disconnected(&agent.id, "r1")
+        .await
+        .unwrap();
+    assert!(
+        store
+            .get_agent(&org.id, &agent.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .connected_replica
+            .is_none()
+    );
+}
+
+async fn claims_follow_selector_kind_backend_and_org(store: Store) {
+    let org = store.create_org("acme").await.unwrap();
+    let other = store.create_org("other").await.unwrap();
+    let mut tagged = shell(&["true"]);
+    tagged.selector = Some(Selector {
+        tag: Some("gpu".into()),
+        group: None,
+    });
+    let mut grouped = shell(&["true"]);
+    grouped.selector = Some(Selector {
+        tag: None,
+        group: Some("beta".into()),
+    });
+    let mut docker = shell(&["true"]);
+    docker.sandbox.backend = Some("docker".into());
+    let t_tag = store.insert_task(&new_task(&org.id, tagged)).await.unwrap();
+    let t_group = store
+        .insert_task(&new_task(&org.id, grouped))
+        .await
+        .unwrap();
+    let t_docker = store.insert_task(&new_task(&org.id, docker)).await.unwrap();
+    let t_other_org = store
+        .insert_task(&new_task(&other.id, shell(&["true"])))
+        .await
+        .unwrap();
+
+    let plain = AgentView::plain();
+    assert!(
+        store
+            .claim_tasks(&plain.req(&org.id, "a1", 10))
+            .await
+            .unwrap()
+            .is_empty(),
+        "untagged agent takes no selected task"
+    );
+    let gpu = AgentView {
+        tags: strings(&["gpu"]),
+        ..AgentView::plain()
+    };
+    let got = store
+        .claim_tasks(&gpu.req(&org.id, "a2", 10))
+        .await
+        .unwrap();
+    assert_eq!(
+        got.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+        vec![t_tag.as_str()]
+    );
+    assert_eq!(got[0].attempt, 1);
+    let beta = AgentView {
+        tags: strings(&["group:beta"]),
+        ..AgentView::plain()
+    };
+    let got = store
+        .claim_tasks(&beta.req(&org.id, "a3", 10))
+        .await
+        .unwrap();
+    assert_eq!(
+        got.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+        vec![t_group.as_str()]
+    );
+    let dock = AgentView {
+        backends: strings(&["host", "docker"]),
+        ..AgentView::plain()
+    };
+    let got = store
+        .claim_tasks(&dock.req(&org.id, "a4", 10))
+        .await
+        .unwrap();
+    assert_eq!(
+        got.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+        vec![t_docker.as_str()]
+    );
+    let no_kind = AgentView {
+        kinds: vec![],
+        ..AgentView::plain()
+    };
+    assert!(
+        store
+            .claim_tasks(&no_kind.req(&other.id, "a5", 10))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let got = store
+        .claim_tasks(&plain.req(&other.id, "a6", 10))
+        .await
+        .unwrap();
+    assert_eq!(
+        got.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+        vec![t_other_org.as_str()],
+        "agents only ever see their own org's tasks"
+    );
+    let row = store.get_task(&org.id, &t_tag).await.unwrap().unwrap();
+    assert_eq!(
+        (row.state, row.agent_id.as_deref()),
+        (TaskState::Dispatched, Some("a2"))
+    );
+    assert!(
+        store.get_task(&other.id, &t_tag).await.unwrap().is_none(),
+        "cross-org read"
+    );
+}
+
+async fn claims_honour_limit_and_org_cap(store: Store) {
+    let org = store.create_org("acme").await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(
+            store
+                .insert_task(&new_task(&org.id, shell(&["echo", &i.to_string()])))
+                .await
+                .unwrap(),
+        );
+    }
+    let a = AgentView::plain();
+    let got = store.claim_tasks(&a.req(&org.id, "a1", 2)).await.unwrap();
+    assert_eq!(
+        got.iter().map(|c| c.id.clone()).collect::<Vec<_>>(),
+        ids[..2].to_vec(),
+        "oldest first, at most limit"
+    );
+    let mut capped = a.req(&org.id, "a2", 10);
+    capped.org_max_inflight = Some(3);
+    let got = store.claim_tasks(&capped).await.unwrap();
+    assert_eq!(got.len(), 1, "2 in flight + 1 = cap of 3");
+    assert!(
+        store.claim_tasks(&capped).await.unwrap().is_empty(),
+        "at cap: nothing more, tasks stay queued"
+    );
+    let queued = store
+        .list_tasks(&org.id, Some(TaskState::Queued), 100)
+        .await
+        .unwrap();
+    assert_eq!(queued.len(), 3, "capped tasks wait queued, none dropped");
+    assert!(
+        store
+            .complete_task(
+                &org.id,
+                &result(&got[0].id, 1, ResultStatus::Succeeded, 0),
+                60_000
+            )
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.claim_tasks(&capped).await.unwrap().len(),
+        1,
+        "a finished task frees a slot"
+    );
+}
+
+async fn first_completion_wins(store: Store) {
+    let org = store.create_org("acme").await.unwrap();
+    let id = store
+        .insert_task(&new_task(&org.id, shell(&["true"])))
+        .await
+        .unwrap();
+    let a = AgentView::plain();
+    let c = store
+        .claim_tasks(&a.req(&org.id, "a1", 1))
+        .await
+        .unwrap()
+        .remove(0);
+    assert!(
+        store
+            .mark_task_running(&id, 1, "a1", paddock_proto::now_ms())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .mark_task_running(&id, 1, "someone-else", paddock_proto::now_ms())
+            .await
+            .unwrap()
+    );
+    // Lease lost: the task is re-queued and dispatched as attempt 2 to another agent.
+    let (failed, requeued) = store
+        .expire_leases(paddock_proto::now_ms() + 3_600_000, 60_000, 0)
+        .await
+        .unwrap();
+    assert!(failed.is_empty());
+    assert_eq!(
+        requeued.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        vec![id.as_str()]
+    );
+    let c2 = store
+        .claim_tasks(&a.req(&org.id, "a2", 1))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!((c2.id.as_str(), c2.attempt), (c.id.as_str(), 2));
+    // The first agent's late result for attempt 1 is ignored.
+    assert!(
+        !store
+            .complete_task(&org.id, &result(&id, 1, ResultStatus::Failed, 3), 60_000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .complete_task(&org.id, &result(&id, 2, ResultStatus::Succeeded, 0), 60_000)
+            .await
+            .unwrap()
+    );
+    // A duplicate of the winning result is ignored too.
+    assert!(
+        !store
+            .complete_task(&org.id, &result(&id, 2, ResultStatus::Failed, 9), 60_000)
+            .await
+            .unwrap()
+    );
+    let row = store.get_task(&org.id, &id).await.unwrap().unwrap();
+    assert_eq!(
+        (row.state, row.exit_code, row.attempt),
+        (TaskState::Succeeded, Some(0), 2)
+    );
+    assert_eq!(row.result.unwrap().stdout, "attempt 2");
+    // Cross-org completion never lands.
+    let other = store.create_org("other").await.unwrap();
+    let id2 = store
+        .insert_task(&new_task(&org.id, shell(&["true"])))
+        .await
+        .unwrap();
+    store.claim_tasks(&a.req(&org.id, "a1", 1)).await.unwrap();
+    assert!(
+        !store
+            .complete_task(
+                &other.id,
+                &result(&id2, 1, ResultStatus::Succeeded, 0),
+                60_000
+            )
+            .await
+            .unwrap()
+    );
+}
+
+async fn lost_agents_requeue_then_fail(store: Store) {
+    let org = store.create_org("acme").await.unwrap();
+    let id = store
+        .insert_task(&new_task(&org.id, shell(&["true"])))
+        .await
+        .unwrap();
+    let a = AgentView::plain();
+    let far = paddock_proto::now_ms() + 3_600_000;
+    store.claim_tasks(&a.req(&org.id, "a1", 1)).await.unwrap();
+    let (_, requeued) = store
+        .expire_leases(far, 60_000, far + 60_000)
+        .await
+        .unwrap();
+    assert_eq!(requeued.len(), 1);
+    store.claim_tasks(&a.req(&org.id, "a2", 1)).await.unwrap();
+    let (failed, requeued) = store
+        .expire_leases(far, 60_000, far + 60_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        (failed.len(), requeued.len()),
+        (1, 0),
+        "max_attempts = 2: second loss fails"
+    );
+    let row = store.get_task(&org.id, &id).await.unwrap().unwrap();
+    assert_eq!(row.state, TaskState::Failed);
+    assert_eq!(
+        row.error_code.as_deref(),
+        Some(ErrorCode::AgentLost.as_str())
+    );
+    // Leases that have not expired are left alone.
+    store
+        .insert_task(&new_task(&org.id, shell(&["true"])))
+        .await
+        .unwrap();
+    store.claim_tasks(&a.req(&org.id, "a3", 1)).await.unwrap();
+    let (f, r) = store
+        .expire_leases(paddock_proto::now_ms(), 60_000, 0)
+        .await
+        .unwrap();
+    assert!(f.is_empty() && r.is_empty());
+}
+
+async fn queued_tasks_time_out(store: Store) {
+    let org = store.create_org("acme").await.unwrap();
+    let mut t = new_task(&org.id, shell(&["true"]));
+    t.queue_deadline_at = paddock_proto::now_ms() - 1;
+    let id = store.insert_task(&t).await.unwrap();
+    let a = AgentView::plain();
+    assert!(
+        store
+            .claim_tasks(&a.req(&org.id, "a1", 1))
+            .await
+            .unwrap()
+            .is_empty(),
+        "past-deadline tasks are not dispatched"
+    );
+    let reaped = store
+        .expire_queued(paddock_proto::now_ms(), 60_000)
+        .await
+        .unwrap();
+    assert_eq!(reaped.len(), 1);
+    let row = store.get_task(&org.id, &id).await.unwrap().unwrap();
+    assert_eq!(
+        (row.state, row.error_code.as_deref()),
+        (TaskState::Failed, Some("QUEUE_TIMEOUT"))
+    );
+}
+
+async fn cancel_queued_and_running(store: Store) {
+    let org = store.create_org("acme").await.unwrap();
+    let q = store
+        .insert_task(&new_task(&org.id, shell(&["true"])))
+        .await
+        .unwrap();
+    let (state, _, _) = store
+        .cancel_task(&org.id, &q, 60_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state, TaskState::Canceled);
+    assert!(
+        store
+            .cancel_task(&org.id, &q, 60_000)
+            .await
+            .unwrap()
+            .is_none(),
+        "already finished"
+    );
+    let r = store
+        .insert_task(&new_task(&org.id, shell(&["true"])))
+        .await
+        .unwrap();
+    let a = AgentView::plain();
+    store.claim_tasks(&a.req(&org.id, "a1", 1)).await.unwrap();
+    let other = store.create_org("other").await.unwrap();
+    assert!(
+        store
+            .cancel_task(&other.id, &r, 60_000)
+            .await
+            .unwrap()
+            .is_none(),
+        "cross-org cancel"
+    );
+    let (state, agent, attempt) = store
+        .cancel_task(&org.id, &r, 60_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (state, agent.as_deref(), attempt),
+        (TaskState::Running, Some("a1"), 1)
+    );
+    // A canceled task whose agent is lost is failed, not re-dispatched.
+    let far = paddock_proto::now_ms() + 3_600_000;
+    let (failed, requeued) = store.expire_leases(far, 60_000, far).await.unwrap();
+    assert_eq!((failed.len(), requeued.len()), (1, 0));
+}
+
+async fn results_expire_after_ttl(store: Store) {
+    let org = store.create_org("acme").await.unwrap();
+    let id = store
+        .insert_task(&new_task(&org.id, shell(&["true"])))
+        .await
+        .unwrap();
+    let keep = store
+        .insert_task(&new_task(&org.id, shell(&["true"])))
+        .await
+        .unwrap();
+    let a = AgentView::plain();
+    store.claim_tasks(&a.req(&org.id, "a1", 2)).await.unwrap();
+    store.append_output(&id, 1, 1, "stdout", "x").await.unwrap();
+    store
+        .add_event(&id, 1, "started", &serde_json::json!({}))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .complete_task(&org.id, &result(&id, 1, ResultStatus::Succeeded, 0), 1_000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .complete_task(
+                &org.id,
+                &result(&keep, 1, ResultStatus::Succeeded, 0),
+                3_600_000
+            )
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store
+            .delete_expired_results(paddock_proto::now_ms())
+            .await
+            .unwrap(),
+        0,
+        "not yet expired"
+    );
+    assert_eq!(
+        store
+            .delete_expired_results(paddock_proto::now_ms() + 5_000)
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(store.get_task(&org.id, &id).await.unwrap().is_none());
+    assert!(store.read_output(&id, 1, 0, 10).await.unwrap().is_empty());
+    assert!(store.list_events(&id).await.unwrap().is_empty());
+    assert!(store.get_task(&org.id, &keep).await.unwrap().is_some());
+}
+
+async fn output_and_events(store: Store) {
+    let org = store.create_org("acme").await.unwrap();
+    let id = store
+        .insert_task(&new_task(&org.id, shell(&["true"])))
+        .await
+        .unwrap();
+    for (seq, s, d) in [
+        (2, "stderr", "b"),
+        (1, "stdout", "a"),
+        (2, "stderr", "dup"),
+        (3, "stdout", "c"),
+    ] {
+        store.append_output(&id, 1, seq, s, d).await.unwrap();
+    }
+    let out = store.read_output(&id, 1, 0, 10).await.unwrap();
+    assert_eq!(
+        out.iter()
+            .map(|o| (o.seq, o.data.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(1, "a"), (2, "b"), (3, "c")]
+    );
+    assert_eq!(store.read_output(&id, 1, 2, 10).await.unwrap().len(), 1);
+    assert!(store.read_output(&id, 2, 0, 10).await.unwrap().is_empty());
+    store
+        .add_event(&id, 1, "dispatched", &serde_json::json!({"agentId": "a1"}))
+        .await
+        .unwrap();
+    store
+        .add_event(&id, 1, "started", &serde_json::json!({"pid": 7}))
+        .await
+        .unwrap();
+    let ev = store.list_events(&id).await.unwrap();
+    assert_eq!(
+        ev.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+        vec!["dispatched", "started"]
+    );
+    assert_eq!(ev[1].payload["pid"], 7);
+    let counts = store.count_tasks_by_state().await.unwrap();
+    assert_eq!(counts.len(), 1);
+    assert_eq!((counts[0].state, counts[0].count), (TaskState::Queued, 1));
+    assert_eq!(
+        store.orgs_with_queued_tasks().await.unwrap(),
+        vec![org.id.clone()]
+    );
+}
+
+async fn concurrent_claims_never_double_dispatch(store: Store) {
+    let org = store.create_org("acme").await.unwrap();
+    for i in 0..60 {
+        store
+            .insert_task(&new_task(&org.id, shell(&["echo", &i.to_string()])))
+            .await
+            .unwrap();
+    }
+    let mut handles = Vec::new();
+    for w in 0..4 {
+        let store = store.clone();
+        let org = org.id.clone();
+        handles.push(tokio::spawn(async move {
+            let a = AgentView::plain();
+            let agent = format!("w{w}");
+            let mut mine = Vec::new();
+            loop {
+                let got = store.claim_tasks(&a.req(&org, &agent, 3)).await.unwrap();
+                if got.is_empty() {
+                    break;
+                }
+                mine.extend(got.into_iter().map(|c| c.id));
+            }
+            mine
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.unwrap());
+    }
+    let unique: std::collections::HashSet<_> = all.iter().collect();
+    assert_eq!(all.len(), 60, "every task claimed");
+    assert_eq!(unique.len(), 60, "no task claimed twice");
+}
+
+async fn reconnect_rebinds_running_tasks(store: Store) {
+    let org = store.create_org("acme").await.unwrap();
+    let id = store
+        .insert_task(&new_task(&org.id, shell(&["true"])))
+        .await
+        .unwrap();
+    let a = AgentView::plain();
+    store.claim_tasks(&a.req(&org.id, "a1", 1)).await.unwrap();
+    let far = paddock_proto::now_ms() + 3_600_000;
+    assert!(store.rebind_task(&org.id, &id, 1, "a1", far).await.unwrap());
+    assert!(
+        !store.rebind_task(&org.id, &id, 2, "a1", far).await.unwrap(),
+        "wrong attempt"
+    );
+    let other = store.create_org("other").await.unwrap();
+    assert!(
+        !store
+            .rebind_task(&other.id, &id, 1, "a1", far)
+            .await
+            .unwrap(),
+        "wrong org"
+    );
+    // Re-queued while the agent was away: taken back, not run twice.
+    store.expire_leases(far + 1, 60_000, 0).await.unwrap();
+    assert_eq!(
+        store.get_task(&org.id, &id).await.unwrap().unwrap().state,
+        TaskState::Queued
+    );
+    assert!(
+        store
+            .rebind_task(&org.id, &id, 1, "a1", far + 60_000)
+            .await
+            .unwrap()
+    );
+    let row = store.get_task(&org.id, &id).await.unwrap().unwrap();
+    assert_eq!(
+        (row.state, row.agent_id.as_deref()),
+        (TaskState::Running, Some("a1"))
+    );
+    assert!(
+        store.release_claim(&id, 1).await.unwrap() == false,
+        "release only undoes a fresh dispatch"
+    );
+}
+
+async fn migrations_are_idempotent(store: Store) {
+    // Connecting again to the same database re-runs the migrator, which must be a no-op.
+    let org = store.create_org("acme").await.unwrap();
+    let url_db = store.dialect();
+    let _ = url_db;
+    store.migrate_again_for_tests().await.unwrap();
+    assert!(store.get_org(&org.id).await.unwrap().is_some());
+}

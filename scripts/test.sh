@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Runs the whole Paddock test suite, doing its own set-up first.
+#
+#   scripts/test.sh            # everything: fmt, clippy, OpenAPI check, all tests
+#   scripts/test.sh -- ARGS    # extra arguments for `cargo nextest run` / `cargo test`
+#
+# What it sets up when missing (idempotent, safe to re-run):
+#   - PostgreSQL 15 (apt), started as a throwaway cluster in a temp dir on a free loopback
+#     port (initdb + pg_ctl, fsync off), stopped again on exit;
+#   - nothing else yet: later issues add crun/runc, dockerd and the S3 server here.
+# Environment it exports to the tests:
+#   PADDOCK_TEST_PG_URL   admin URL of the throwaway cluster (each test creates its own DB)
+# CARGO_TARGET_DIR defaults to /var/cache/paddock-target (kept between runs; may be empty).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$here"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/paddock-target}
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+mkdir -p "$CARGO_TARGET_DIR"
+
+extra=()
+if [ "${1:-}" = "--" ]; then shift; extra=("$@"); fi
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+apt_updated=0
+need_apt() {
+  # need_apt COMMAND PACKAGE...: installs PACKAGEs when COMMAND is missing.
+  local cmd=$1; shift
+  if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "$cmd" ]; then
+    if [ "$(id -u)" != 0 ]; then log "missing $cmd and not root: install $* yourself"; exit 1; fi
+    if [ $apt_updated = 0 ]; then log "apt-get update"; apt-get update -qq; apt_updated=1; fi
+    log "installing $*"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+  fi
+}
+
+# --- PostgreSQL -----------------------------------------------------------------------
+pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || true)
+if [ -z "$pg_bin" ] || [ ! -x "$pg_bin/initdb" ]; then
+  need_apt /usr/lib/postgresql/15/bin/initdb postgresql
+  pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)
+fi
+pg_dir=$(mktemp -d /tmp/paddock-pg.XXXXXX)
+pg_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+as_pg=()
+if [ "$(id -u)" = 0 ]; then
+  chown postgres: "$pg_dir"
+  as_pg=(runuser -u postgres --)
+fi
+cleanup() {
+  "${as_pg[@]}" "$pg_bin/pg_ctl" -D "$pg_dir/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$pg_dir"
+}
+trap cleanup EXIT
+log "starting throwaway PostgreSQL on 127.0.0.1:$pg_port"
+"${as_pg[@]}" "$pg_bin/initdb" -D "$pg_dir/data" -A trust -U postgres --no-sync >/dev/null
+"${as_pg[@]}" "$pg_bin/pg_ctl" -D "$pg_dir/data" -l "$pg_dir/log" -w \
+  -o "-p $pg_port -k $pg_dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400" \
+  start >/dev/null
+export PADDOCK_TEST_PG_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
+
+# --- checks and tests -----------------------------------------------------------------
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+log "cargo build"
+cargo build --workspace --all-targets --quiet
+log "OpenAPI document is up to date"
+"$CARGO_TARGET_DIR/debug/paddock" openapi | diff -u docs/openapi.json - \
+  || { log "docs/openapi.json is stale: run: cargo run -- openapi > docs/openapi.json"; exit 1; }
+log "tests"
+if command -v cargo-nextest >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast --retries 0 "${extra[@]}"
+  cargo test --workspace --doc --quiet
+else
+  cargo test --workspace --no-fail-fast "${extra[@]}"
+fi
