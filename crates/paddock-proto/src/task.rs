@@ -124,6 +124,13 @@ pub struct TaskSpec {
     /// Run time limit, enforced by the agent (kill on expiry).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// How long a queued task may wait for an eligible agent before failing with
+    /// `QUEUE_TIMEOUT` (gateway default when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_timeout_ms: Option<u64>,
+    /// Attempts allowed when the running agent is lost (gateway default when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
 }
 
 impl TaskSpec {
@@ -161,6 +168,18 @@ impl TaskSpec {
             && (t == 0 || t > MAX_TASK_TIMEOUT_MS)
         {
             return Err(format!("timeoutMs must be in 1..={MAX_TASK_TIMEOUT_MS}"));
+        }
+        if let Some(t) = self.queue_timeout_ms
+            && t > MAX_TASK_TIMEOUT_MS
+        {
+            return Err(format!(
+                "queueTimeoutMs must be at most {MAX_TASK_TIMEOUT_MS}"
+            ));
+        }
+        if let Some(n) = self.max_attempts
+            && !(1..=10).contains(&n)
+        {
+            return Err("maxAttempts must be in 1..=10".into());
         }
         Ok(())
     }

@@ -242,6 +242,18 @@ impl Store {
         row.as_ref().map(agent_from_row).transpose()
     }
 
+    /// One agent by id, whatever its org (internal service endpoints only).
+    ///
+    /// # Errors
+    /// Database failure.
+    pub async fn find_agent(&self, agent_id: &str) -> Result<Option<Agent>> {
+        let row = sqlx::query(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1"))
+            .bind(agent_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(agent_from_row).transpose()
+    }
+
     /// All agents of an org, oldest first.
     ///
     /// # Errors

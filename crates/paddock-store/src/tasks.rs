@@ -441,6 +441,32 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// An agent hands a task back (it is shutting down): the attempt ends without a result
+    /// and the task returns to the queue for another agent. Returns whether it was requeued.
+    ///
+    /// # Errors
+    /// Database failure.
+    pub async fn hand_back_task(
+        &self,
+        org_id: &str,
+        task_id: &str,
+        attempt: u32,
+        agent_id: &str,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tasks SET state = 'queued', agent_id = NULL, lease_expires_at = NULL, updated_at = $1 \
+             WHERE id = $2 AND org_id = $3 AND attempt = $4 AND agent_id = $5 AND state IN ('dispatched', 'running') AND cancel_requested = 0",
+        )
+        .bind(paddock_proto::now_ms())
+        .bind(task_id)
+        .bind(org_id)
+        .bind(i64::from(attempt))
+        .bind(agent_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Marks the current attempt as started by its agent (`accepted`).
     ///
     /// # Errors
@@ -494,7 +520,8 @@ impl Store {
     }
 
     /// Stores the result of an attempt if, and only if, it is the current attempt and the task
-    /// has not finished: the first completion wins, late or duplicate results are ignored.
+    /// has not finished, and the reporting agent holds the attempt (or nobody does, after a
+    /// re-queue): the first completion wins, late or duplicate results are ignored.
     /// Returns whether the result was stored. The result is kept `ttl_ms`.
     ///
     /// # Errors
@@ -502,6 +529,7 @@ impl Store {
     pub async fn complete_task(
         &self,
         org_id: &str,
+        agent_id: &str,
         result: &TaskResult,
         ttl_ms: i64,
     ) -> Result<bool> {
@@ -510,7 +538,7 @@ impl Store {
         let json = serde_json::to_string(result).map_err(|e| corrupt("tasks.result", e))?;
         let done = sqlx::query(
             "UPDATE tasks SET state = $1, finished_at = $2, updated_at = $2, started_at = COALESCE(started_at, $3), exit_code = $4, error_code = $5, error_message = $6, result = $7, expires_at = $8, lease_expires_at = NULL \
-             WHERE id = $9 AND org_id = $10 AND attempt = $11 AND state IN ('queued', 'dispatched', 'running')",
+             WHERE id = $9 AND org_id = $10 AND attempt = $11 AND state IN ('queued', 'dispatched', 'running') AND (agent_id = $12 OR agent_id IS NULL)",
         )
         .bind(state.as_str())
         .bind(now)
@@ -523,6 +551,7 @@ impl Store {
         .bind(&result.task_id)
         .bind(org_id)
         .bind(i64::from(result.attempt))
+        .bind(agent_id)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)

@@ -5,7 +5,6 @@
 use paddock_proto::{
     Capabilities, ErrorCode, ResultStatus, Selector, ShellTask, TaskResult, TaskSpec,
 };
-use paddock_store::testing::{postgres_url, sqlite_url};
 use paddock_store::{ClaimRequest, NewTask, PairingError, Role, Store, TaskState};
 
 macro_rules! contract {
@@ -56,6 +55,8 @@ fn shell(argv: &[&str]) -> TaskSpec {
         }),
         sandbox: Default::default(),
         timeout_ms: None,
+        queue_timeout_ms: None,
+        max_attempts: None,
     }
 }
 
@@ -279,7 +280,7 @@ async fn agent_tokens_tags_and_revocation(store: Store) {
     );
     assert!(
         store
-            .touch_agents(&[agent.id.clone()], paddock_proto::now_ms(), 0)
+            .touch_agents(std::slice::from_ref(&agent.id), paddock_proto::now_ms(), 0)
             .await
             .unwrap()
             .is_empty()
@@ -300,7 +301,7 @@ async fn agent_tokens_tags_and_revocation(store: Store) {
     assert!(a.revoked_at.is_some());
     assert_eq!(
         store
-            .touch_agents(&[agent.id.clone()], paddock_proto::now_ms(), 0)
+            .touch_agents(std::slice::from_ref(&agent.id), paddock_proto::now_ms(), 0)
             .await
             .unwrap(),
         vec![agent.id.clone()]
@@ -476,6 +477,7 @@ async fn claims_honour_limit_and_org_cap(store: Store) {
         store
             .complete_task(
                 &org.id,
+                "a2",
                 &result(&got[0].id, 1, ResultStatus::Succeeded, 0),
                 60_000
             )
@@ -529,23 +531,50 @@ async fn first_completion_wins(store: Store) {
         .unwrap()
         .remove(0);
     assert_eq!((c2.id.as_str(), c2.attempt), (c.id.as_str(), 2));
+    // Another agent of the same org cannot complete an attempt it does not hold.
+    assert!(
+        !store
+            .complete_task(
+                &org.id,
+                "intruder",
+                &result(&id, 2, ResultStatus::Succeeded, 0),
+                60_000
+            )
+            .await
+            .unwrap()
+    );
     // The first agent's late result for attempt 1 is ignored.
     assert!(
         !store
-            .complete_task(&org.id, &result(&id, 1, ResultStatus::Failed, 3), 60_000)
+            .complete_task(
+                &org.id,
+                "a1",
+                &result(&id, 1, ResultStatus::Failed, 3),
+                60_000
+            )
             .await
             .unwrap()
     );
     assert!(
         store
-            .complete_task(&org.id, &result(&id, 2, ResultStatus::Succeeded, 0), 60_000)
+            .complete_task(
+                &org.id,
+                "a2",
+                &result(&id, 2, ResultStatus::Succeeded, 0),
+                60_000
+            )
             .await
             .unwrap()
     );
     // A duplicate of the winning result is ignored too.
     assert!(
         !store
-            .complete_task(&org.id, &result(&id, 2, ResultStatus::Failed, 9), 60_000)
+            .complete_task(
+                &org.id,
+                "a2",
+                &result(&id, 2, ResultStatus::Failed, 9),
+                60_000
+            )
             .await
             .unwrap()
     );
@@ -566,6 +595,7 @@ async fn first_completion_wins(store: Store) {
         !store
             .complete_task(
                 &other.id,
+                "a1",
                 &result(&id2, 1, ResultStatus::Succeeded, 0),
                 60_000
             )
@@ -712,7 +742,12 @@ async fn results_expire_after_ttl(store: Store) {
         .unwrap();
     assert!(
         store
-            .complete_task(&org.id, &result(&id, 1, ResultStatus::Succeeded, 0), 1_000)
+            .complete_task(
+                &org.id,
+                "a1",
+                &result(&id, 1, ResultStatus::Succeeded, 0),
+                1_000
+            )
             .await
             .unwrap()
     );
@@ -720,6 +755,7 @@ async fn results_expire_after_ttl(store: Store) {
         store
             .complete_task(
                 &org.id,
+                "a1",
                 &result(&keep, 1, ResultStatus::Succeeded, 0),
                 3_600_000
             )
@@ -868,7 +904,7 @@ async fn reconnect_rebinds_running_tasks(store: Store) {
         (TaskState::Running, Some("a1"))
     );
     assert!(
-        store.release_claim(&id, 1).await.unwrap() == false,
+        !store.release_claim(&id, 1).await.unwrap(),
         "release only undoes a fresh dispatch"
     );
 }
@@ -876,8 +912,6 @@ async fn reconnect_rebinds_running_tasks(store: Store) {
 async fn migrations_are_idempotent(store: Store) {
     // Connecting again to the same database re-runs the migrator, which must be a no-op.
     let org = store.create_org("acme").await.unwrap();
-    let url_db = store.dialect();
-    let _ = url_db;
     store.migrate_again_for_tests().await.unwrap();
     assert!(store.get_org(&org.id).await.unwrap().is_some());
 }

@@ -1,0 +1,372 @@
+//! Runs dispatched tasks and keeps, per task, the log of messages owed to the gateway
+//! (`accepted`, `output` chunks, then `result` or a hand-back). The session sends each log
+//! from a cursor; after a reconnect every cursor goes back to zero and the whole log is sent
+//! again (the gateway de-duplicates: output by sequence number, results by attempt). A slot
+//! is dropped when the gateway acknowledges its result, so nothing is lost across gateway
+//! restarts or network drops, and memory stays bounded by the output caps.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use paddock_proto::{
+    AgentMessage, Dispatch, ErrorBody, ErrorCode, KIND_AGENT_EXECUTE, NetworkMode, Output,
+    ResultStatus, RunningTask, TaskRef, TaskResult, now_ms,
+};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::sandbox::host::HostSandbox;
+use crate::sandbox::{RunRequest, Sandbox};
+use crate::settings::AgentSettings;
+
+/// Variables every task gets (before the passthrough allowlist and per-task env).
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+#[derive(Debug)]
+struct Slot {
+    attempt: u32,
+    cancel: CancellationToken,
+    /// Stop and hand the task back instead of reporting a result.
+    hand_back: bool,
+    log: Vec<AgentMessage>,
+    /// Index of the next log entry to send in the current session.
+    sent: usize,
+    /// Whether the final message (result or hand-back) is in the log.
+    finished: bool,
+}
+
+/// The task runner of one agent.
+#[derive(Debug)]
+pub struct Runner {
+    settings: Arc<AgentSettings>,
+    backends: BTreeMap<String, Arc<dyn Sandbox>>,
+    slots: Mutex<HashMap<String, Slot>>,
+    /// Wakes the session when a log grows.
+    pub changed: Arc<Notify>,
+}
+
+impl std::fmt::Debug for dyn Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Runner {
+    /// A runner with the backends available on this machine.
+    pub fn new(settings: AgentSettings) -> Arc<Runner> {
+        let mut backends: BTreeMap<String, Arc<dyn Sandbox>> = BTreeMap::new();
+        backends.insert("host".into(), Arc::new(HostSandbox::new()));
+        Arc::new(Runner {
+            settings: Arc::new(settings),
+            backends,
+            slots: Mutex::new(HashMap::new()),
+            changed: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Settings in force.
+    pub fn settings(&self) -> &AgentSettings {
+        &self.settings
+    }
+
+    /// Backend names, the configured default first (as declared in `hello`).
+    pub fn backend_names(&self) -> Vec<String> {
+        let default = &self.settings.exec_backend;
+        let mut names = vec![default.clone()];
+        names.extend(self.backends.keys().filter(|k| *k != default).cloned());
+        names.retain(|n| self.backends.contains_key(n));
+        names
+    }
+
+    /// Tasks to report in `hello` (running, or holding an unacknowledged result).
+    pub fn running(&self) -> Vec<RunningTask> {
+        lock(&self.slots)
+            .iter()
+            .map(|(id, s)| RunningTask {
+                task_id: id.clone(),
+                attempt: s.attempt,
+            })
+            .collect()
+    }
+
+    /// Number of slots (running or awaiting acknowledgement).
+    pub fn len(&self) -> usize {
+        lock(&self.slots).len()
+    }
+
+    /// Whether nothing is running or owed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Starts a new session: every log will be sent again from the start.
+    pub fn rewind(&self) {
+        for s in lock(&self.slots).values_mut() {
+            s.sent = 0;
+        }
+    }
+
+    /// Messages not yet sent in this session. Slots whose hand-back has been sent are
+    /// dropped (the gateway does not acknowledge hand-backs).
+    pub fn take_unsent(&self) -> Vec<AgentMessage> {
+        let mut out = Vec::new();
+        let mut slots = lock(&self.slots);
+        slots.retain(|_, s| {
+            out.extend(s.log[s.sent..].iter().cloned());
+            s.sent = s.log.len();
+            !(s.finished && s.hand_back)
+        });
+        out
+    }
+
+    /// The gateway acknowledged a result: forget the slot.
+    pub fn ack(&self, task_id: &str, attempt: u32) {
+        let mut slots = lock(&self.slots);
+        if slots
+            .get(task_id)
+            .is_some_and(|s| s.attempt == attempt && s.finished)
+        {
+            slots.remove(task_id);
+        }
+    }
+
+    /// Cancels a running attempt (its result will say `canceled`).
+    pub fn cancel(&self, task_id: &str, attempt: u32) {
+        if let Some(s) = lock(&self.slots).get(task_id)
+            && s.attempt == attempt
+        {
+            s.cancel.cancel();
+        }
+    }
+
+    /// Stops every unfinished task and hands it back to the gateway (shutdown past grace).
+    pub fn hand_back_all(&self) {
+        for s in lock(&self.slots).values_mut() {
+            if !s.finished {
+                s.hand_back = true;
+                s.cancel.cancel();
+            }
+        }
+    }
+
+    fn push(&self, task_id: &str, attempt: u32, msg: AgentMessage, finished: bool) {
+        if let Some(s) = lock(&self.slots).get_mut(task_id)
+            && s.attempt == attempt
+        {
+            s.log.push(msg);
+            s.finished |= finished;
+        }
+        self.changed.notify_one();
+    }
+
+    /// Answers a dispatch: refuses it (hand-back) when draining or full, otherwise starts it.
+    pub fn dispatch(self: &Arc<Self>, d: Dispatch, draining: bool) {
+        let task_id = d.task_id.clone();
+        let attempt = d.attempt;
+        {
+            let mut slots = lock(&self.slots);
+            if let Some(existing) = slots.get(&task_id)
+                && existing.attempt >= attempt
+            {
+                return; // duplicate dispatch
+            }
+            let refuse = if draining {
+                Some((ErrorCode::AgentShuttingDown, "agent is shutting down"))
+            } else if slots.len() >= self.settings.max_in_flight as usize {
+                Some((ErrorCode::AgentBusy, "agent is at maxInFlight"))
+            } else {
+                None
+            };
+            let mut slot = Slot {
+                attempt,
+                cancel: CancellationToken::new(),
+                hand_back: refuse.is_some(),
+                log: Vec::new(),
+                sent: 0,
+                finished: refuse.is_some(),
+            };
+            if let Some((code, message)) = refuse {
+                slot.log.push(AgentMessage::Error(ErrorBody {
+                    code,
+                    message: message.into(),
+                    task_id: Some(task_id.clone()),
+                    attempt: Some(attempt),
+                }));
+                slots.insert(task_id, slot);
+                drop(slots);
+                self.changed.notify_one();
+                return;
+            }
+            slot.log.push(AgentMessage::Accepted(TaskRef {
+                task_id: task_id.clone(),
+                attempt,
+            }));
+            let cancel = slot.cancel.clone();
+            slots.insert(task_id.clone(), slot);
+            drop(slots);
+            self.changed.notify_one();
+            let runner = self.clone();
+            tokio::spawn(async move {
+                let result = runner.execute(d, cancel).await;
+                runner.finish(&task_id, attempt, result);
+            });
+        }
+    }
+
+    fn finish(&self, task_id: &str, attempt: u32, result: TaskResult) {
+        let hand_back = lock(&self.slots).get(task_id).is_some_and(|s| s.hand_back);
+        let msg = if hand_back {
+            AgentMessage::Error(ErrorBody {
+                code: ErrorCode::AgentShuttingDown,
+                message: "agent shut down before the task finished; handing it back".into(),
+                task_id: Some(task_id.into()),
+                attempt: Some(attempt),
+            })
+        } else {
+            AgentMessage::Result(result)
+        };
+        self.push(task_id, attempt, msg, true);
+    }
+
+    async fn execute(&self, d: Dispatch, cancel: CancellationToken) -> TaskResult {
+        let started = now_ms();
+        let fail = |code: ErrorCode, message: String| TaskResult {
+            task_id: d.task_id.clone(),
+            attempt: d.attempt,
+            status: ResultStatus::Error,
+            exit_code: None,
+            signal: None,
+            error_code: Some(code),
+            error_message: Some(message),
+            stdout: String::new(),
+            stderr: String::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            started_at_ms: started,
+            finished_at_ms: now_ms(),
+        };
+        if d.spec.kind != KIND_AGENT_EXECUTE {
+            return fail(
+                ErrorCode::KindUnsupported,
+                format!("this agent does not run `{}` tasks", d.spec.kind),
+            );
+        }
+        let backend_name = d
+            .spec
+            .sandbox
+            .backend
+            .clone()
+            .unwrap_or_else(|| self.settings.exec_backend.clone());
+        let Some(backend) = self.backends.get(&backend_name).cloned() else {
+            return fail(
+                ErrorCode::BackendUnsupported,
+                format!("backend `{backend_name}` is not available on this agent"),
+            );
+        };
+        if let Err(e) = backend.check(&d.spec.sandbox) {
+            return fail(e.code(), e.to_string());
+        }
+        let Some(shell) = d.spec.shell.clone() else {
+            return fail(ErrorCode::InvalidRequest, "`shell` is required".into());
+        };
+        let workdir = self
+            .settings
+            .workdir_root
+            .join(format!("{}-{}", d.task_id, d.attempt));
+        if let Err(e) = std::fs::create_dir_all(&workdir) {
+            return fail(
+                ErrorCode::SpawnFailed,
+                format!("cannot create work directory: {e}"),
+            );
+        }
+        let env = build_env(
+            &workdir,
+            &d,
+            &shell.env,
+            &d.spec.sandbox.env_passthrough_allowlist,
+        );
+        let req = RunRequest {
+            task_id: d.task_id.clone(),
+            attempt: d.attempt,
+            argv: shell.command(),
+            env,
+            stdin: shell.stdin.clone(),
+            workdir: workdir.clone(),
+            timeout: std::time::Duration::from_millis(d.spec.timeout_ms()),
+            kill_grace: self.settings.host_kill_grace,
+            network: d.spec.sandbox.network_mode.unwrap_or(NetworkMode::Default),
+            output_max_chars: self.settings.host_output_max_chars,
+        };
+        let (tx, mut rx) = mpsc::channel::<crate::sandbox::OutputChunk>(64);
+        let forward = async {
+            let mut seq = 0u64;
+            while let Some(chunk) = rx.recv().await {
+                seq += 1;
+                self.push(
+                    &d.task_id,
+                    d.attempt,
+                    AgentMessage::Output(Output {
+                        task_id: d.task_id.clone(),
+                        attempt: d.attempt,
+                        seq,
+                        stream: chunk.stream,
+                        data: chunk.data,
+                    }),
+                    false,
+                );
+            }
+        };
+        let (outcome, ()) = tokio::join!(backend.run(req, tx, cancel), forward);
+        if let Err(e) = std::fs::remove_dir_all(&workdir) {
+            tracing::warn!(task = %d.task_id, "could not remove work directory: {e}");
+        }
+        match outcome {
+            Ok(o) => TaskResult {
+                task_id: d.task_id.clone(),
+                attempt: d.attempt,
+                status: o.status,
+                exit_code: o.exit_code,
+                signal: o.signal,
+                error_code: o.error_code,
+                error_message: o.error_message,
+                stdout: o.stdout,
+                stderr: o.stderr,
+                stdout_truncated: o.stdout_truncated,
+                stderr_truncated: o.stderr_truncated,
+                started_at_ms: o.started_at_ms,
+                finished_at_ms: o.finished_at_ms,
+            },
+            Err(e) => fail(e.code(), e.to_string()),
+        }
+    }
+}
+
+/// The task's environment: a minimal base, then allowlisted agent variables, then the
+/// task's own variables. Nothing else from the agent's environment leaks in.
+fn build_env(
+    workdir: &std::path::Path,
+    d: &Dispatch,
+    task_env: &BTreeMap<String, String>,
+    allowlist: &[String],
+) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    env.insert("PATH".into(), DEFAULT_PATH.into());
+    env.insert("HOME".into(), workdir.display().to_string());
+    env.insert("LANG".into(), "C.UTF-8".into());
+    env.insert("PADDOCK_TASK_ID".into(), d.task_id.clone());
+    env.insert("PADDOCK_TASK_ATTEMPT".into(), d.attempt.to_string());
+    env.insert("PADDOCK_WORKDIR".into(), workdir.display().to_string());
+    for key in allowlist {
+        if let Some(v) = std::env::var_os(key) {
+            env.insert(key.clone(), v.to_string_lossy().into_owned());
+        }
+    }
+    for (k, v) in task_env {
+        env.insert(k.clone(), v.clone());
+    }
+    env
+}

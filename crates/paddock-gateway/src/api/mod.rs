@@ -1,0 +1,89 @@
+//! HTTP handlers, one module per resource. Handlers parse and authorise at the edge and
+//! call the store; they never see a WebSocket.
+
+pub(crate) mod agents;
+pub(crate) mod orgs;
+pub(crate) mod system;
+pub(crate) mod tasks;
+
+use axum::Router;
+use axum::routing::{get, post, put};
+
+use crate::AppState;
+
+/// The routes of the public API and the executor WebSocket (`edge` role).
+pub(crate) fn edge_routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/whoami", get(orgs::whoami))
+        .route("/v1/orgs/{org_id}", get(orgs::get_org))
+        .route("/v1/orgs/{org_id}/tokens", post(orgs::create_token))
+        .route(
+            "/v1/orgs/{org_id}/tokens/{token_id}",
+            axum::routing::delete(orgs::revoke_token),
+        )
+        .route(
+            "/v1/orgs/{org_id}/agents/pairing-tokens",
+            post(agents::create_pairing_token),
+        )
+        .route("/v1/agents/pair", post(agents::pair))
+        .route("/v1/orgs/{org_id}/agents", get(agents::list_agents))
+        .route(
+            "/v1/orgs/{org_id}/agents/{agent_id}",
+            get(agents::get_agent),
+        )
+        .route(
+            "/v1/orgs/{org_id}/agents/{agent_id}/tags",
+            put(agents::set_tags),
+        )
+        .route(
+            "/v1/orgs/{org_id}/agents/{agent_id}/revoke",
+            post(agents::revoke),
+        )
+        .route(
+            "/v1/orgs/{org_id}/tasks",
+            post(tasks::submit).get(tasks::list),
+        )
+        .route("/v1/orgs/{org_id}/tasks/run", post(tasks::run))
+        .route("/v1/orgs/{org_id}/tasks/{task_id}", get(tasks::get))
+        .route(
+            "/v1/orgs/{org_id}/tasks/{task_id}/output",
+            get(tasks::output),
+        )
+        .route(
+            "/v1/orgs/{org_id}/tasks/{task_id}/events",
+            get(tasks::events),
+        )
+        .route(
+            "/v1/orgs/{org_id}/tasks/{task_id}/stream",
+            get(tasks::stream),
+        )
+        .route(
+            "/v1/orgs/{org_id}/tasks/{task_id}/cancel",
+            post(tasks::cancel),
+        )
+        .route("/ws/executor", get(crate::executor_ws::ws_executor))
+}
+
+/// Internal service-to-service routes (`brain` role), behind `X-Service-Token`.
+pub(crate) fn internal_routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/orgs", post(orgs::create_org))
+        .route("/internal/v1/dispatch", post(tasks::internal_dispatch))
+        .route(
+            "/internal/v1/managed-executors/issue",
+            post(agents::issue_managed),
+        )
+        .route(
+            "/internal/v1/managed-executors/{executor_id}/revoke",
+            post(agents::revoke_managed),
+        )
+}
+
+/// Routes every role serves.
+pub(crate) fn common_routes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(system::healthz))
+        .route("/readyz", get(system::readyz))
+        .route("/metrics", get(system::metrics))
+        .route("/openapi.json", get(system::openapi))
+}

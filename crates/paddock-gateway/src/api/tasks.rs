@@ -1,0 +1,553 @@
+//! Tasks: queued submission, submit-and-wait, reads, live output stream, cancel.
+//!
+//! Two submission modes (documented in `docs/protocol.md`):
+//! - `POST /v1/orgs/{org}/tasks` queues the task and answers `202` at once; the task waits
+//!   for an eligible agent until its queue deadline, then fails with `QUEUE_TIMEOUT`.
+//! - `POST /v1/orgs/{org}/tasks/run` (and the seed's `POST /internal/v1/dispatch`) answers
+//!   `503 NO_AGENT_AVAILABLE` at once when no connected agent could run the task, otherwise
+//!   waits for the result.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures_util::Stream;
+use paddock_proto::{ErrorCode, TaskSpec, now_ms};
+use paddock_store::{EventRow, NewTask, OutputRow, Role, TaskRow, TaskState};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use utoipa::{IntoParams, ToSchema};
+
+use crate::AppState;
+use crate::auth::{org_principal, service};
+use crate::bus::{self, BusEvent};
+use crate::error::{ApiError, AppJson};
+
+/// Answer to a queued submission.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Submitted {
+    /// Task id.
+    pub task_id: String,
+    /// Always `queued`.
+    pub state: &'static str,
+}
+
+fn validate(spec: &TaskSpec) -> Result<(), ApiError> {
+    spec.validate().map_err(ApiError::invalid)
+}
+
+async fn insert(state: &AppState, org_id: &str, spec: TaskSpec) -> Result<String, ApiError> {
+    let queue_timeout = spec
+        .queue_timeout_ms
+        .map_or(state.cfg.queue_timeout, Duration::from_millis);
+    let max_attempts = spec.max_attempts.unwrap_or(state.cfg.max_attempts);
+    let id = state
+        .store
+        .insert_task(&NewTask {
+            org_id: org_id.to_string(),
+            spec,
+            max_attempts,
+            queue_deadline_at: now_ms() + queue_timeout.as_millis() as i64,
+        })
+        .await?;
+    bus::publish(
+        state,
+        BusEvent::TaskReady {
+            org: org_id.to_string(),
+        },
+    )
+    .await;
+    Ok(id)
+}
+
+/// Query of `POST .../tasks`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SubmitQuery {
+    /// Refuse with `503 NO_AGENT_AVAILABLE` instead of queueing when no connected agent
+    /// could run the task.
+    #[serde(default)]
+    pub require_agent: bool,
+}
+
+/// Queues a task: `202` at once; it waits for an eligible agent until its queue deadline.
+#[utoipa::path(post, path = "/v1/orgs/{org_id}/tasks", request_body(content = Object, description = "TaskSpec (docs/protocol.md)"),
+    params(("org_id" = String, Path), ("X-Org-Id" = String, Header), SubmitQuery),
+    responses((status = 202, body = Submitted), (status = 400, body = crate::error::ErrorResponse)))]
+pub(crate) async fn submit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(org_id): Path<String>,
+    Query(q): Query<SubmitQuery>,
+    AppJson(spec): AppJson<TaskSpec>,
+) -> Result<(StatusCode, Json<Submitted>), ApiError> {
+    org_principal(&state, &headers, &org_id, Role::Member).await?;
+    validate(&spec)?;
+    if q.require_agent && !any_eligible_agent(&state, &org_id, &spec).await? {
+        return Err(no_agent());
+    }
+    let task_id = insert(&state, &org_id, spec).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Submitted {
+            task_id,
+            state: "queued",
+        }),
+    ))
+}
+
+/// Whether some live agent of the org could run this spec.
+async fn any_eligible_agent(
+    state: &AppState,
+    org_id: &str,
+    spec: &TaskSpec,
+) -> Result<bool, ApiError> {
+    let fresh_after = now_ms() - state.cfg.agent_stale.as_millis() as i64;
+    let required = spec
+        .selector
+        .as_ref()
+        .and_then(|s| s.required_tag().ok().flatten());
+    let agents = state.store.list_live_agents(org_id, fresh_after).await?;
+    Ok(agents.iter().any(|a| {
+        let caps = a.capabilities.clone().unwrap_or_default();
+        required.as_ref().is_none_or(|t| a.tags.contains(t))
+            && caps.kinds.contains(&spec.kind)
+            && spec
+                .sandbox
+                .backend
+                .as_ref()
+                .is_none_or(|b| caps.backends.contains(b))
+    }))
+}
+
+fn no_agent() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::NoAgentAvailable,
+        "no connected agent of this org can run the task (check the agent is running, its control-plane tags match the selector, and it offers the kind and backend)",
+    )
+}
+
+/// Query of `POST .../tasks/run`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct RunQuery {
+    /// Longest time to hold the request open (default: the task's timeout plus 30 s).
+    pub wait_ms: Option<u64>,
+}
+
+async fn submit_and_wait(
+    state: &AppState,
+    org_id: &str,
+    spec: TaskSpec,
+    wait_ms: Option<u64>,
+) -> Result<(StatusCode, Json<TaskRow>), ApiError> {
+    validate(&spec)?;
+    if !any_eligible_agent(state, org_id, &spec).await? {
+        return Err(no_agent());
+    }
+    let wait = Duration::from_millis(wait_ms.unwrap_or(spec.timeout_ms() + 30_000));
+    let task_id = insert(state, org_id, spec).await?;
+    let task = wait_terminal(state, org_id, &task_id, wait).await?;
+    let status = if task.state.is_terminal() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, Json(task)))
+}
+
+/// Waits until the task is finished or `wait` passes; returns its latest row.
+pub(crate) async fn wait_terminal(
+    state: &AppState,
+    org_id: &str,
+    task_id: &str,
+    wait: Duration,
+) -> Result<TaskRow, ApiError> {
+    let notify = state.waiters.subscribe(task_id);
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let task = state
+            .store
+            .get_task(org_id, task_id)
+            .await?
+            .ok_or_else(|| ApiError::not_found("task"))?;
+        if task.state.is_terminal() || tokio::time::Instant::now() >= deadline {
+            return Ok(task);
+        }
+        // The notification covers this replica; the timeout covers results stored elsewhere
+        // when NOTIFY is not available.
+        tokio::select! {
+            () = notified => {}
+            () = tokio::time::sleep(Duration::from_millis(1000)) => {}
+            () = tokio::time::sleep_until(deadline) => {}
+            () = state.shutdown.cancelled() => return Ok(task),
+        }
+    }
+}
+
+/// Submits a task and waits for its result; `503 NO_AGENT_AVAILABLE` when no connected agent
+/// could run it. `200` with the finished task, or `202` if still running when the wait ends.
+#[utoipa::path(post, path = "/v1/orgs/{org_id}/tasks/run", request_body(content = Object, description = "TaskSpec"),
+    params(("org_id" = String, Path), ("X-Org-Id" = String, Header), RunQuery),
+    responses((status = 200, body = Object), (status = 202, body = Object), (status = 503, body = crate::error::ErrorResponse)))]
+pub(crate) async fn run(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(org_id): Path<String>,
+    Query(q): Query<RunQuery>,
+    AppJson(spec): AppJson<TaskSpec>,
+) -> Result<(StatusCode, Json<TaskRow>), ApiError> {
+    org_principal(&state, &headers, &org_id, Role::Member).await?;
+    submit_and_wait(&state, &org_id, spec, q.wait_ms).await
+}
+
+/// Body of `POST /internal/v1/dispatch`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct InternalDispatch {
+    /// Org the task belongs to.
+    pub org_id: String,
+    /// The task.
+    #[schema(value_type = Object)]
+    pub task: TaskSpec,
+    /// Longest wait.
+    #[serde(default)]
+    pub wait_ms: Option<u64>,
+}
+
+/// Service-to-service submit-and-wait (seed 004); never expose publicly.
+#[utoipa::path(post, path = "/internal/v1/dispatch", request_body = InternalDispatch,
+    params(("X-Service-Token" = String, Header)),
+    responses((status = 200, body = Object), (status = 503, body = crate::error::ErrorResponse)))]
+pub(crate) async fn internal_dispatch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    AppJson(body): AppJson<InternalDispatch>,
+) -> Result<(StatusCode, Json<TaskRow>), ApiError> {
+    service(&state, &headers)?;
+    if state.store.get_org(&body.org_id).await?.is_none() {
+        return Err(ApiError::not_found("org"));
+    }
+    submit_and_wait(&state, &body.org_id, body.task, body.wait_ms).await
+}
+
+/// Reads a task with its result.
+#[utoipa::path(get, path = "/v1/orgs/{org_id}/tasks/{task_id}",
+    params(("org_id" = String, Path), ("task_id" = String, Path), ("X-Org-Id" = String, Header)),
+    responses((status = 200, body = Object), (status = 404, body = crate::error::ErrorResponse)))]
+pub(crate) async fn get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((org_id, task_id)): Path<(String, String)>,
+) -> Result<Json<TaskRow>, ApiError> {
+    org_principal(&state, &headers, &org_id, Role::Member).await?;
+    let task = state
+        .store
+        .get_task(&org_id, &task_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("task"))?;
+    Ok(Json(task))
+}
+
+/// Query of the task list.
+#[derive(Debug, Deserialize, IntoParams)]
+pub(crate) struct ListQuery {
+    /// Only tasks in this state.
+    pub state: Option<String>,
+    /// At most this many (default 50, max 500).
+    pub limit: Option<u32>,
+}
+
+/// A page of tasks.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct TaskList {
+    /// Newest first.
+    #[schema(value_type = Vec<Object>)]
+    pub tasks: Vec<TaskRow>,
+}
+
+/// Lists recent tasks.
+#[utoipa::path(get, path = "/v1/orgs/{org_id}/tasks",
+    params(("org_id" = String, Path), ("X-Org-Id" = String, Header), ListQuery),
+    responses((status = 200, body = TaskList)))]
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(org_id): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<TaskList>, ApiError> {
+    org_principal(&state, &headers, &org_id, Role::Member).await?;
+    let filter = match q.state.as_deref() {
+        None => None,
+        Some(s) => Some(
+            TaskState::parse(s).ok_or_else(|| ApiError::invalid(format!("unknown state {s:?}")))?,
+        ),
+    };
+    let tasks = state
+        .store
+        .list_tasks(&org_id, filter, q.limit.unwrap_or(50).clamp(1, 500))
+        .await?;
+    Ok(Json(TaskList { tasks }))
+}
+
+/// Query of the output endpoint.
+#[derive(Debug, Deserialize, IntoParams)]
+pub(crate) struct OutputQuery {
+    /// Attempt (default: the current one).
+    pub attempt: Option<u32>,
+    /// Only chunks with a greater sequence number.
+    pub after: Option<u64>,
+}
+
+/// Output chunks.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct OutputPage {
+    /// Attempt the chunks belong to.
+    pub attempt: u32,
+    /// Chunks in order.
+    #[schema(value_type = Vec<Object>)]
+    pub chunks: Vec<OutputRow>,
+}
+
+/// Reads live output chunks of an attempt.
+#[utoipa::path(get, path = "/v1/orgs/{org_id}/tasks/{task_id}/output",
+    params(("org_id" = String, Path), ("task_id" = String, Path), ("X-Org-Id" = String, Header), OutputQuery),
+    responses((status = 200, body = OutputPage)))]
+pub(crate) async fn output(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((org_id, task_id)): Path<(String, String)>,
+    Query(q): Query<OutputQuery>,
+) -> Result<Json<OutputPage>, ApiError> {
+    org_principal(&state, &headers, &org_id, Role::Member).await?;
+    let task = state
+        .store
+        .get_task(&org_id, &task_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("task"))?;
+    let attempt = q.attempt.unwrap_or(task.attempt);
+    let chunks = state
+        .store
+        .read_output(&task_id, attempt, q.after.unwrap_or(0), 1000)
+        .await?;
+    Ok(Json(OutputPage { attempt, chunks }))
+}
+
+/// Events.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct EventList {
+    /// Oldest first.
+    #[schema(value_type = Vec<Object>)]
+    pub events: Vec<EventRow>,
+}
+
+/// Reads a task's events (dispatches, re-queues, agent events).
+#[utoipa::path(get, path = "/v1/orgs/{org_id}/tasks/{task_id}/events",
+    params(("org_id" = String, Path), ("task_id" = String, Path), ("X-Org-Id" = String, Header)),
+    responses((status = 200, body = EventList)))]
+pub(crate) async fn events(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((org_id, task_id)): Path<(String, String)>,
+) -> Result<Json<EventList>, ApiError> {
+    org_principal(&state, &headers, &org_id, Role::Member).await?;
+    state
+        .store
+        .get_task(&org_id, &task_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("task"))?;
+    Ok(Json(EventList {
+        events: state.store.list_events(&task_id).await?,
+    }))
+}
+
+/// Cancels a task: a queued one at once, a running one through its agent.
+#[utoipa::path(post, path = "/v1/orgs/{org_id}/tasks/{task_id}/cancel",
+    params(("org_id" = String, Path), ("task_id" = String, Path), ("X-Org-Id" = String, Header)),
+    responses((status = 202, body = Object), (status = 404, body = crate::error::ErrorResponse)))]
+pub(crate) async fn cancel(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((org_id, task_id)): Path<(String, String)>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    org_principal(&state, &headers, &org_id, Role::Member).await?;
+    match state
+        .store
+        .cancel_task(&org_id, &task_id, state.cfg.results_ttl_ms())
+        .await?
+    {
+        None => {
+            state
+                .store
+                .get_task(&org_id, &task_id)
+                .await?
+                .ok_or_else(|| ApiError::not_found("task"))?;
+            Err(ApiError::new(
+                StatusCode::CONFLICT,
+                ErrorCode::InvalidRequest,
+                "the task has already finished",
+            ))
+        }
+        Some((TaskState::Canceled, _, _)) => {
+            bus::publish(
+                &state,
+                BusEvent::TaskChanged {
+                    task: task_id.clone(),
+                },
+            )
+            .await;
+            Ok((
+                StatusCode::OK,
+                Json(serde_json::json!({ "taskId": task_id, "state": "canceled" })),
+            ))
+        }
+        Some((_, agent, attempt)) => {
+            if let Some(agent) = agent {
+                bus::publish(
+                    &state,
+                    BusEvent::Cancel {
+                        agent,
+                        task: task_id.clone(),
+                        attempt,
+                    },
+                )
+                .await;
+            }
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(serde_json::json!({ "taskId": task_id, "state": "canceling" })),
+            ))
+        }
+    }
+}
+
+struct Streamer {
+    state: AppState,
+    org_id: String,
+    task_id: String,
+    notify: Arc<Notify>,
+    attempt: u32,
+    after: u64,
+    pending: VecDeque<Event>,
+    done: bool,
+}
+
+fn sse_json(name: &str, value: &impl Serialize) -> Event {
+    Event::default()
+        .event(name)
+        .data(serde_json::to_string(value).unwrap_or_else(|_| "null".into()))
+}
+
+impl Streamer {
+    async fn next_event(&mut self) -> Option<Event> {
+        loop {
+            if let Some(ev) = self.pending.pop_front() {
+                return Some(ev);
+            }
+            if self.done || self.state.shutdown.is_cancelled() {
+                return None;
+            }
+            let notify = self.notify.clone();
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let task = match self.state.store.get_task(&self.org_id, &self.task_id).await {
+                Ok(Some(t)) => t,
+                Ok(None) => {
+                    self.done = true;
+                    self.pending.push_back(sse_json(
+                        "error",
+                        &serde_json::json!({"code": "NOT_FOUND", "message": "task not found"}),
+                    ));
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!("stream read failed: {e}");
+                    self.done = true;
+                    self.pending.push_back(sse_json("error", &serde_json::json!({"code": "UNAVAILABLE", "message": "database unavailable"})));
+                    continue;
+                }
+            };
+            if task.attempt != self.attempt && task.attempt > 0 {
+                self.attempt = task.attempt;
+                self.after = 0;
+                self.pending.push_back(sse_json(
+                    "attempt",
+                    &serde_json::json!({"attempt": task.attempt}),
+                ));
+            }
+            let chunks = if self.attempt > 0 {
+                self.state
+                    .store
+                    .read_output(&self.task_id, self.attempt, self.after, 500)
+                    .await
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            if let Some(last) = chunks.last() {
+                self.after = last.seq;
+            }
+            let had_chunks = !chunks.is_empty();
+            for c in chunks {
+                self.pending.push_back(sse_json("output", &c));
+            }
+            if !had_chunks && task.state.is_terminal() {
+                self.pending.push_back(sse_json("result", &task));
+                self.done = true;
+                continue;
+            }
+            if !self.pending.is_empty() {
+                continue;
+            }
+            tokio::select! {
+                () = notified => {}
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                () = self.state.shutdown.cancelled() => return None,
+            }
+        }
+    }
+}
+
+/// Streams a task as server-sent events: `attempt`, `output` (chunks in order), then one
+/// `result` with the finished task. Ends after `result`.
+#[utoipa::path(get, path = "/v1/orgs/{org_id}/tasks/{task_id}/stream",
+    params(("org_id" = String, Path), ("task_id" = String, Path), ("X-Org-Id" = String, Header)),
+    responses((status = 200, description = "text/event-stream")))]
+pub(crate) async fn stream(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((org_id, task_id)): Path<(String, String)>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    org_principal(&state, &headers, &org_id, Role::Member).await?;
+    state
+        .store
+        .get_task(&org_id, &task_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("task"))?;
+    let notify = state.waiters.subscribe(&task_id);
+    let streamer = Streamer {
+        state,
+        org_id,
+        task_id,
+        notify,
+        attempt: 0,
+        after: 0,
+        pending: VecDeque::new(),
+        done: false,
+    };
+    let s = futures_util::stream::unfold(streamer, |mut st| async move {
+        st.next_event().await.map(|ev| (Ok(ev), st))
+    });
+    Ok(Sse::new(s).keep_alive(KeepAlive::default()))
+}

@@ -1,0 +1,193 @@
+//! Events between gateway replicas. Locally they wake the dispatcher and waiters directly;
+//! on PostgreSQL they also travel through `LISTEN/NOTIFY` on channel `paddock_events`, so a
+//! task submitted to replica B wakes replica A that holds the eligible agent's connection.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::AppState;
+
+/// Channel name used with `NOTIFY`.
+pub const CHANNEL: &str = "paddock_events";
+
+/// A cross-replica event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "k", rename_all = "snake_case")]
+pub enum BusEvent {
+    /// New queued work for an org (or a slot freed): dispatchers should look.
+    TaskReady {
+        /// Org.
+        org: String,
+    },
+    /// A task finished or produced output: waiters should re-read it.
+    TaskChanged {
+        /// Task id.
+        task: String,
+    },
+    /// An agent was revoked: its holder closes the connection.
+    AgentRevoked {
+        /// Agent id.
+        agent: String,
+    },
+    /// An agent's control-plane tags changed.
+    AgentTags {
+        /// Agent id.
+        agent: String,
+        /// New tags.
+        tags: Vec<String>,
+    },
+    /// Cancel a running attempt on whichever replica holds its agent.
+    Cancel {
+        /// Agent id.
+        agent: String,
+        /// Task id.
+        task: String,
+        /// Attempt.
+        attempt: u32,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope {
+    from: String,
+    #[serde(flatten)]
+    event: BusEvent,
+}
+
+/// Per-task wake-ups for long-polls and streams.
+#[derive(Debug, Default)]
+pub struct Waiters {
+    map: Mutex<HashMap<String, Weak<Notify>>>,
+}
+
+impl Waiters {
+    /// A notifier for a task; hold it while waiting.
+    pub fn subscribe(&self, task_id: &str) -> Arc<Notify> {
+        let mut map = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get(task_id).and_then(Weak::upgrade) {
+            return n;
+        }
+        if map.len() > 1024 {
+            map.retain(|_, w| w.strong_count() > 0);
+        }
+        let n = Arc::new(Notify::new());
+        map.insert(task_id.to_string(), Arc::downgrade(&n));
+        n
+    }
+
+    /// Wakes everyone waiting on a task.
+    pub fn notify(&self, task_id: &str) {
+        let map = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get(task_id).and_then(Weak::upgrade) {
+            n.notify_waiters();
+        }
+    }
+}
+
+/// Applies an event on this replica.
+pub(crate) fn apply_local(state: &AppState, event: &BusEvent) {
+    match event {
+        BusEvent::TaskReady { .. } => state.dispatch_wake.notify_one(),
+        BusEvent::TaskChanged { task } => state.waiters.notify(task),
+        BusEvent::AgentRevoked { agent } => {
+            if let Some(h) = state.hub.get(agent) {
+                h.close_with(
+                    paddock_proto::ErrorCode::AgentRevoked,
+                    "this agent has been revoked",
+                );
+            }
+        }
+        BusEvent::AgentTags { agent, tags } => {
+            if let Some(h) = state.hub.get(agent) {
+                h.set_tags(tags.clone());
+                state.dispatch_wake.notify_one();
+            }
+        }
+        BusEvent::Cancel {
+            agent,
+            task,
+            attempt,
+        } => {
+            if let Some(h) = state.hub.get(agent) {
+                let _ = h.tx.send(paddock_proto::GatewayMessage::Cancel(
+                    paddock_proto::Cancel {
+                        task_id: task.clone(),
+                        attempt: *attempt,
+                        reason: "canceled by request".into(),
+                    },
+                ));
+            }
+        }
+    }
+}
+
+/// Publishes an event: applied locally at once, and sent to other replicas on PostgreSQL.
+pub(crate) async fn publish(state: &AppState, event: BusEvent) {
+    apply_local(state, &event);
+    if state.store.dialect() == paddock_store::Dialect::Postgres {
+        let payload = Envelope {
+            from: state.cfg.replica_id.clone(),
+            event,
+        };
+        let text = serde_json::to_string(&payload).unwrap_or_default();
+        if let Err(e) = sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL)
+            .bind(text)
+            .execute(state.store.pool())
+            .await
+        {
+            tracing::warn!("pg_notify failed: {e}");
+        }
+    }
+}
+
+/// Listens for other replicas' events (PostgreSQL only) until shutdown. Reconnects on error.
+pub(crate) async fn listen(state: AppState) {
+    if state.store.dialect() != paddock_store::Dialect::Postgres {
+        return;
+    }
+    loop {
+        let mut listener = match sqlx::postgres::PgListener::connect(&state.cfg.database_url).await
+        {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!("LISTEN connection failed: {e}; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                    () = state.shutdown.cancelled() => return,
+                }
+            }
+        };
+        if let Err(e) = listener.listen(CHANNEL).await {
+            tracing::warn!("LISTEN failed: {e}; retrying");
+            continue;
+        }
+        // Anything missed while (re)connecting is picked up by the periodic sweeps.
+        state.dispatch_wake.notify_one();
+        loop {
+            tokio::select! {
+                msg = listener.recv() => match msg {
+                    Ok(n) => match serde_json::from_str::<Envelope>(n.payload()) {
+                        Ok(env) if env.from != state.cfg.replica_id => apply_local(&state, &env.event),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!("ignoring malformed bus event: {e}"),
+                    },
+                    Err(e) => {
+                        tracing::warn!("LISTEN connection lost: {e}; reconnecting");
+                        break;
+                    }
+                },
+                () = state.shutdown.cancelled() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! The dispatcher: matches queued tasks to the agents connected to this replica.
+//!
+//! Woken by submissions (locally or through `NOTIFY` from another replica), freed slots and
+//! new connections, and by a periodic sweep. Each round looks only at orgs that have queued
+//! work, and asks the store to claim, for each such agent with free slots, the oldest tasks
+//! it is eligible for (selector, kind, backend, org cap). Claims are atomic in the database,
+//! so replicas never hand one attempt to two agents.
+
+use std::sync::Arc;
+
+use paddock_proto::{Dispatch, GatewayMessage, now_ms};
+use paddock_store::ClaimRequest;
+
+use crate::AppState;
+use crate::hub::AgentHandle;
+
+/// Most tasks claimed for one agent in one query.
+const MAX_BATCH: u32 = 64;
+
+/// Runs until shutdown.
+pub(crate) async fn run(state: AppState) {
+    loop {
+        let more = match round(&state).await {
+            Ok(more) => more,
+            Err(e) => {
+                tracing::warn!("dispatch round failed: {e}");
+                false
+            }
+        };
+        if state.shutdown.is_cancelled() {
+            return;
+        }
+        if !more {
+            tokio::select! {
+                () = state.dispatch_wake.notified() => {}
+                () = tokio::time::sleep(state.cfg.tick) => {}
+                () = state.shutdown.cancelled() => return,
+            }
+        }
+    }
+}
+
+/// One pass over the connected agents. Returns whether some agent filled its batch (so
+/// there may be more to claim right away).
+async fn round(state: &AppState) -> Result<bool, paddock_store::StoreError> {
+    let agents = state.hub.snapshot();
+    if agents.is_empty() {
+        return Ok(false);
+    }
+    let orgs = state.store.orgs_with_queued_tasks().await?;
+    if orgs.is_empty() {
+        return Ok(false);
+    }
+    let mut more = false;
+    for handle in agents {
+        if handle.close.is_cancelled() || !orgs.contains(&handle.org_id) {
+            continue;
+        }
+        let free = handle.free_slots().min(MAX_BATCH);
+        if free == 0 {
+            continue;
+        }
+        let sent = claim_for(state, &handle, free).await?;
+        if sent == free {
+            more = true;
+        }
+    }
+    Ok(more)
+}
+
+async fn claim_for(
+    state: &AppState,
+    handle: &Arc<AgentHandle>,
+    free: u32,
+) -> Result<u32, paddock_store::StoreError> {
+    let tags = handle.tags();
+    let now = now_ms();
+    let lease_until = now + state.cfg.lease.as_millis() as i64;
+    let claimed = state
+        .store
+        .claim_tasks(&ClaimRequest {
+            org_id: &handle.org_id,
+            agent_id: &handle.agent_id,
+            tags: &tags,
+            kinds: &handle.kinds,
+            backends: &handle.backends,
+            limit: free,
+            lease_until,
+            org_max_inflight: state.cfg.org_max_inflight,
+            now,
+        })
+        .await?;
+    let n = claimed.len() as u32;
+    for task in claimed {
+        handle.add_in_flight(&task.id);
+        let msg = GatewayMessage::Dispatch(Box::new(Dispatch {
+            task_id: task.id.clone(),
+            attempt: task.attempt,
+            lease_deadline_ms: lease_until,
+            spec: task.spec,
+        }));
+        if handle.tx.send(msg).is_err() {
+            // The session ended between the snapshot and now: undo without using the attempt.
+            handle.remove_in_flight(&task.id);
+            state.store.release_claim(&task.id, task.attempt).await?;
+            continue;
+        }
+        state
+            .metrics
+            .dispatch_latency
+            .observe((now_ms() - task.created_at).max(0) as f64 / 1000.0);
+        state.metrics.dispatched.inc();
+        tracing::debug!(task = %task.id, attempt = task.attempt, agent = %handle.agent_id, "dispatched");
+        state
+            .store
+            .add_event(
+                &task.id,
+                task.attempt,
+                "dispatched",
+                &serde_json::json!({ "agentId": handle.agent_id }),
+            )
+            .await?;
+        state.waiters.notify(&task.id);
+    }
+    Ok(n)
+}

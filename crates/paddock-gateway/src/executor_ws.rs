@@ -1,0 +1,440 @@
+//! The executor WebSocket (`/ws/executor`): one session per connected agent.
+//!
+//! The session is written over a transport-neutral `Stream<Item = Frame>` and
+//! `Sink<Frame>` ([`run_session`]), so the protocol logic is unit-tested with channels; the
+//! axum handler only authenticates the upgrade and adapts axum's message type.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use paddock_proto::{
+    AgentMessage, ErrorBody, ErrorCode, Frame, FrameError, GatewayMessage, Heartbeat, HelloOk,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ResultAck, decode_agent, encode, now_ms,
+};
+use paddock_store::Agent;
+
+use crate::AppState;
+use crate::bus::{self, BusEvent};
+use crate::error::ApiError;
+use crate::hub::{AgentHandle, Registration};
+
+/// How long an agent has to send `hello` after connecting.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Malformed frames tolerated in one session before it is closed.
+const MAX_BAD_FRAMES: u32 = 16;
+
+/// `GET /ws/executor`: authenticates the agent token (`Authorization: Bearer <orgId>.<secret>`)
+/// before upgrading.
+pub(crate) async fn ws_executor(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let agent = match authenticate(&state, &headers).await {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
+    let max = state.cfg.max_frame_bytes;
+    ws.max_message_size(max.saturating_mul(2))
+        .on_upgrade(move |socket| serve_socket(state, agent, socket))
+}
+
+async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Agent, ApiError> {
+    let token = crate::auth::bearer(headers)
+        .ok_or_else(|| ApiError::unauthorized("missing `Authorization: Bearer <agent token>`"))?;
+    let agent = state
+        .store
+        .authenticate_agent(token)
+        .await?
+        .ok_or_else(|| ApiError::unauthorized("unknown agent token"))?;
+    if agent.revoked_at.is_some() {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::AgentRevoked,
+            "this agent has been revoked",
+        ));
+    }
+    Ok(agent)
+}
+
+async fn serve_socket(state: AppState, agent: Agent, socket: WebSocket) {
+    let (sink, stream) = socket.split();
+    let stream = stream.map(|m| match m {
+        Ok(Message::Text(t)) => Frame::Text(t.to_string()),
+        Ok(Message::Binary(b)) => Frame::Binary(b.to_vec()),
+        Ok(Message::Ping(_) | Message::Pong(_)) => Frame::Ping,
+        Ok(Message::Close(_)) | Err(_) => Frame::Close,
+    });
+    let sink = sink.with(|f: Frame| async move {
+        Ok::<_, axum::Error>(match f {
+            Frame::Text(t) => Message::Text(t.into()),
+            Frame::Binary(b) => Message::Binary(b.into()),
+            Frame::Ping => Message::Ping(Default::default()),
+            Frame::Close => Message::Close(None),
+        })
+    });
+    run_session(state, agent, Box::pin(sink), Box::pin(stream)).await;
+}
+
+fn error_msg(code: ErrorCode, message: impl Into<String>) -> GatewayMessage {
+    GatewayMessage::Error(ErrorBody {
+        code,
+        message: message.into(),
+        task_id: None,
+        attempt: None,
+    })
+}
+
+/// Runs one agent session to its end: `hello`, then messages both ways until the agent
+/// leaves, goes stale, is revoked or replaced, or the gateway shuts down.
+pub async fn run_session<S, R>(state: AppState, agent: Agent, mut sink: S, mut stream: R)
+where
+    S: Sink<Frame> + Unpin,
+    R: Stream<Item = Frame> + Unpin,
+{
+    let max = state.cfg.max_frame_bytes;
+    // 1. hello
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, stream.next()).await {
+        Ok(Some(frame)) => match decode_agent(&frame, max) {
+            Ok(Some(AgentMessage::Hello(h))) => h,
+            Ok(_) => {
+                let _ = sink
+                    .send(encode(&error_msg(
+                        ErrorCode::ProtocolViolation,
+                        "the first message must be `hello`",
+                    )))
+                    .await;
+                let _ = sink.send(Frame::Close).await;
+                return;
+            }
+            Err(e) => {
+                reject_frame(&state, &mut sink, &e).await;
+                let _ = sink.send(Frame::Close).await;
+                return;
+            }
+        },
+        Ok(None) => return,
+        Err(_) => {
+            let _ = sink
+                .send(encode(&error_msg(
+                    ErrorCode::ProtocolViolation,
+                    "no `hello` within 10 s",
+                )))
+                .await;
+            let _ = sink.send(Frame::Close).await;
+            return;
+        }
+    };
+    if hello.protocol < MIN_PROTOCOL_VERSION || hello.protocol > PROTOCOL_VERSION {
+        let _ = sink
+            .send(encode(&error_msg(
+                ErrorCode::ProtocolVersionUnsupported,
+                format!(
+                    "protocol {} is not supported (this gateway speaks {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION})",
+                    hello.protocol
+                ),
+            )))
+            .await;
+        let _ = sink.send(Frame::Close).await;
+        return;
+    }
+
+    // 2. register and re-bind running tasks
+    let caps = hello.capabilities.clone();
+    let (handle, mut rx) = state.hub.register(Registration {
+        agent_id: agent.id.clone(),
+        org_id: agent.org_id.clone(),
+        tags: agent.tags.clone(),
+        kinds: caps.kinds.clone(),
+        backends: caps.backends.clone(),
+        max_in_flight: caps.max_in_flight,
+    });
+    state.metrics.connected_agents.set(state.hub.len() as i64);
+    let now = now_ms();
+    if let Err(e) = state
+        .store
+        .mark_agent_connected(
+            &agent.id,
+            &state.cfg.replica_id,
+            &caps,
+            &hello.agent_version,
+            now,
+        )
+        .await
+    {
+        tracing::error!(agent = %agent.id, "cannot record connection: {e}");
+        let _ = sink
+            .send(encode(&error_msg(
+                ErrorCode::Unavailable,
+                "database unavailable",
+            )))
+            .await;
+        finish(&state, &handle).await;
+        return;
+    }
+    let lease_until = now + state.cfg.lease.as_millis() as i64;
+    let mut cancel = Vec::new();
+    for r in &hello.running {
+        match state
+            .store
+            .rebind_task(&agent.org_id, &r.task_id, r.attempt, &agent.id, lease_until)
+            .await
+        {
+            Ok(true) => handle.add_in_flight(&r.task_id),
+            Ok(false) => cancel.push(r.clone()),
+            Err(e) => tracing::warn!(task = %r.task_id, "rebind failed: {e}"),
+        }
+    }
+    tracing::info!(
+        agent = %agent.id, org = %agent.org_id, version = %hello.agent_version,
+        max_in_flight = caps.max_in_flight, resumed = hello.running.len() - cancel.len(),
+        "agent connected"
+    );
+    let ok = GatewayMessage::HelloOk(HelloOk {
+        protocol: PROTOCOL_VERSION.min(hello.protocol),
+        agent_id: agent.id.clone(),
+        org_id: agent.org_id.clone(),
+        heartbeat_interval_ms: state.cfg.heartbeat_interval.as_millis() as u64,
+        cancel,
+    });
+    if sink.send(encode(&ok)).await.is_err() {
+        finish(&state, &handle).await;
+        return;
+    }
+    state.dispatch_wake.notify_one();
+
+    // 3. main loop
+    let stale = state.cfg.agent_stale;
+    let mut last_seen = Instant::now();
+    let mut bad_frames = 0u32;
+    let mut stale_check = tokio::time::interval(
+        stale
+            .min(Duration::from_secs(1))
+            .max(Duration::from_millis(100)),
+    );
+    loop {
+        tokio::select! {
+            biased;
+            () = handle.close.cancelled() => {
+                let reason = handle.close_reason.lock().ok().and_then(|r| r.clone());
+                let (code, message) = reason.unwrap_or((ErrorCode::Unavailable, "gateway shutting down".into()));
+                let _ = sink.send(encode(&error_msg(code, message))).await;
+                let _ = sink.send(Frame::Close).await;
+                break;
+            }
+            () = state.shutdown.cancelled() => {
+                let _ = sink.send(encode(&error_msg(ErrorCode::Unavailable, "gateway shutting down; reconnect"))).await;
+                let _ = sink.send(Frame::Close).await;
+                break;
+            }
+            out = rx.recv() => {
+                let Some(msg) = out else { break };
+                if sink.send(encode(&msg)).await.is_err() {
+                    break;
+                }
+            }
+            frame = stream.next() => {
+                let Some(frame) = frame else { break };
+                if frame == Frame::Close {
+                    break;
+                }
+                last_seen = Instant::now();
+                match decode_agent(&frame, max) {
+                    Ok(None) => {}
+                    Ok(Some(msg)) => match handle_message(&state, &agent, &handle, msg).await {
+                        Ok(Some(reply)) => {
+                            if sink.send(encode(&reply)).await.is_err() {
+                                break;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(fatal) => {
+                            let _ = sink.send(encode(&fatal)).await;
+                            let _ = sink.send(Frame::Close).await;
+                            break;
+                        }
+                    },
+                    Err(e) => {
+                        reject_frame(&state, &mut sink, &e).await;
+                        bad_frames += 1;
+                        if matches!(e, FrameError::TooLarge { .. }) || bad_frames >= MAX_BAD_FRAMES {
+                            let _ = sink.send(Frame::Close).await;
+                            break;
+                        }
+                    }
+                }
+            }
+            _ = stale_check.tick() => {
+                if last_seen.elapsed() > stale {
+                    tracing::warn!(agent = %agent.id, "agent silent for {:?}; disconnecting", stale);
+                    let _ = sink.send(encode(&error_msg(ErrorCode::ProtocolViolation, "no heartbeat within GATEWAY_AGENT_STALE_MS"))).await;
+                    let _ = sink.send(Frame::Close).await;
+                    break;
+                }
+            }
+        }
+    }
+    finish(&state, &handle).await;
+}
+
+async fn reject_frame<S: Sink<Frame> + Unpin>(state: &AppState, sink: &mut S, e: &FrameError) {
+    state
+        .metrics
+        .rejected_frames
+        .get_or_create(&crate::metrics::CodeLabel {
+            code: e.code().as_str().into(),
+        })
+        .inc();
+    let _ = sink.send(encode(&error_msg(e.code(), e.to_string()))).await;
+}
+
+async fn finish(state: &AppState, handle: &AgentHandle) {
+    state.hub.unregister(&handle.agent_id, handle.conn_id);
+    state.metrics.connected_agents.set(state.hub.len() as i64);
+    if state.hub.get(&handle.agent_id).is_none()
+        && let Err(e) = state
+            .store
+            .mark_agent_disconnected(&handle.agent_id, &state.cfg.replica_id)
+            .await
+    {
+        tracing::warn!(agent = %handle.agent_id, "cannot record disconnection: {e}");
+    }
+    tracing::info!(agent = %handle.agent_id, in_flight = handle.in_flight_count(), "agent disconnected");
+}
+
+/// Handles one message. `Ok(Some(reply))` is sent back; `Err(msg)` is sent and the session
+/// closed (the agent reconnects and re-sends what was not acknowledged).
+async fn handle_message(
+    state: &AppState,
+    agent: &Agent,
+    handle: &AgentHandle,
+    msg: AgentMessage,
+) -> Result<Option<GatewayMessage>, GatewayMessage> {
+    let db_down = |e: paddock_store::StoreError| {
+        tracing::error!(agent = %agent.id, "database error in session: {e}");
+        error_msg(
+            ErrorCode::Unavailable,
+            "database unavailable; reconnect and resend",
+        )
+    };
+    match msg {
+        AgentMessage::Hello(_) => Err(error_msg(
+            ErrorCode::ProtocolViolation,
+            "`hello` sent twice",
+        )),
+        AgentMessage::Heartbeat(_) => Ok(Some(GatewayMessage::Heartbeat(Heartbeat {
+            ts_ms: now_ms(),
+        }))),
+        AgentMessage::Accepted(t) => {
+            state
+                .store
+                .mark_task_running(&t.task_id, t.attempt, &agent.id, now_ms())
+                .await
+                .map_err(db_down)?;
+            state.waiters.notify(&t.task_id);
+            Ok(None)
+        }
+        AgentMessage::Output(o) => {
+            if !handle_owns(handle, &o.task_id) {
+                return Ok(None);
+            }
+            state
+                .store
+                .append_output(&o.task_id, o.attempt, o.seq, o.stream.as_str(), &o.data)
+                .await
+                .map_err(db_down)?;
+            state.waiters.notify(&o.task_id);
+            Ok(None)
+        }
+        AgentMessage::Event(ev) => {
+            if !handle_owns(handle, &ev.task_id) {
+                return Ok(None);
+            }
+            state
+                .store
+                .add_event(&ev.task_id, ev.attempt, &ev.name, &ev.payload)
+                .await
+                .map_err(db_down)?;
+            Ok(None)
+        }
+        AgentMessage::Result(r) => {
+            let stored = state
+                .store
+                .complete_task(&agent.org_id, &agent.id, &r, state.cfg.results_ttl_ms())
+                .await
+                .map_err(db_down)?;
+            handle.remove_in_flight(&r.task_id);
+            if stored {
+                let label = crate::metrics::StateLabel {
+                    state: format!("{:?}", r.status).to_lowercase(),
+                };
+                state.metrics.completed.get_or_create(&label).inc();
+                bus::publish(
+                    state,
+                    BusEvent::TaskChanged {
+                        task: r.task_id.clone(),
+                    },
+                )
+                .await;
+                if state.cfg.org_max_inflight.is_some() {
+                    bus::publish(
+                        state,
+                        BusEvent::TaskReady {
+                            org: agent.org_id.clone(),
+                        },
+                    )
+                    .await;
+                }
+            } else {
+                state.metrics.stale_results.inc();
+                tracing::info!(task = %r.task_id, attempt = r.attempt, "ignored result for an attempt that is not current");
+            }
+            state.dispatch_wake.notify_one();
+            Ok(Some(GatewayMessage::ResultAck(ResultAck {
+                task_id: r.task_id,
+                attempt: r.attempt,
+                stored,
+            })))
+        }
+        AgentMessage::Error(e) => {
+            match (e.code, e.task_id.as_deref(), e.attempt) {
+                (
+                    ErrorCode::AgentShuttingDown | ErrorCode::AgentBusy,
+                    Some(task),
+                    Some(attempt),
+                ) => {
+                    let requeued = state
+                        .store
+                        .hand_back_task(&agent.org_id, task, attempt, &agent.id)
+                        .await
+                        .map_err(db_down)?;
+                    handle.remove_in_flight(task);
+                    tracing::info!(task, attempt, requeued, "agent handed a task back");
+                    if requeued {
+                        bus::publish(
+                            state,
+                            BusEvent::TaskReady {
+                                org: agent.org_id.clone(),
+                            },
+                        )
+                        .await;
+                    }
+                }
+                _ => {
+                    tracing::warn!(agent = %agent.id, code = %e.code, "agent reported: {}", e.message)
+                }
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// Output and events are accepted only for tasks dispatched to (or re-bound on) this
+/// connection, so an agent can never write into another agent's, or another org's, task.
+fn handle_owns(handle: &AgentHandle, task_id: &str) -> bool {
+    handle.owns(task_id)
+}

@@ -1,0 +1,168 @@
+//! The agents connected to this replica: their declared capabilities, control-plane tags,
+//! in-flight tasks, and the channel to their WebSocket session.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use paddock_proto::GatewayMessage;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// One live agent connection.
+#[derive(Debug)]
+pub struct AgentHandle {
+    /// Agent id.
+    pub agent_id: String,
+    /// Org id.
+    pub org_id: String,
+    /// Connection number on this replica (distinguishes a replaced connection).
+    pub conn_id: u64,
+    /// Kinds from `hello`.
+    pub kinds: Vec<String>,
+    /// Backends from `hello`.
+    pub backends: Vec<String>,
+    /// `maxInFlight` from `hello`.
+    pub max_in_flight: u32,
+    /// Control-plane tags (refreshed when changed through the API).
+    tags: Mutex<Vec<String>>,
+    /// Task ids dispatched to this connection and not yet finished.
+    in_flight: Mutex<HashSet<String>>,
+    /// Outgoing messages to the session.
+    pub tx: mpsc::UnboundedSender<GatewayMessage>,
+    /// Fired to close the session (revocation, replacement, shutdown).
+    pub close: CancellationToken,
+    /// Why `close` was fired, sent to the agent as an `error` before closing.
+    pub close_reason: Mutex<Option<(paddock_proto::ErrorCode, String)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl AgentHandle {
+    /// Control-plane tags.
+    pub fn tags(&self) -> Vec<String> {
+        lock(&self.tags).clone()
+    }
+
+    /// Replaces the control-plane tags.
+    pub fn set_tags(&self, tags: Vec<String>) {
+        *lock(&self.tags) = tags;
+    }
+
+    /// Free dispatch slots.
+    pub fn free_slots(&self) -> u32 {
+        self.max_in_flight
+            .saturating_sub(lock(&self.in_flight).len() as u32)
+    }
+
+    /// Number of tasks in flight.
+    pub fn in_flight_count(&self) -> usize {
+        lock(&self.in_flight).len()
+    }
+
+    /// Records a task as in flight on this connection.
+    pub fn add_in_flight(&self, task_id: &str) {
+        lock(&self.in_flight).insert(task_id.to_string());
+    }
+
+    /// Whether a task is in flight on this connection.
+    pub fn owns(&self, task_id: &str) -> bool {
+        lock(&self.in_flight).contains(task_id)
+    }
+
+    /// Forgets a task; returns whether it was in flight here.
+    pub fn remove_in_flight(&self, task_id: &str) -> bool {
+        lock(&self.in_flight).remove(task_id)
+    }
+
+    /// Asks the session to close with an error sent to the agent first.
+    pub fn close_with(&self, code: paddock_proto::ErrorCode, message: impl Into<String>) {
+        *lock(&self.close_reason) = Some((code, message.into()));
+        self.close.cancel();
+    }
+}
+
+/// Registry of live connections on this replica.
+#[derive(Debug, Default)]
+pub struct Hub {
+    agents: Mutex<HashMap<String, Arc<AgentHandle>>>,
+    next_conn: AtomicU64,
+}
+
+/// What `register` needs from `hello`.
+#[derive(Debug)]
+pub struct Registration {
+    /// Agent id.
+    pub agent_id: String,
+    /// Org id.
+    pub org_id: String,
+    /// Control-plane tags from the database.
+    pub tags: Vec<String>,
+    /// Kinds.
+    pub kinds: Vec<String>,
+    /// Backends.
+    pub backends: Vec<String>,
+    /// Concurrency.
+    pub max_in_flight: u32,
+}
+
+impl Hub {
+    /// Registers a connection; an earlier connection of the same agent is closed.
+    pub fn register(
+        &self,
+        reg: Registration,
+    ) -> (Arc<AgentHandle>, mpsc::UnboundedReceiver<GatewayMessage>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let handle = Arc::new(AgentHandle {
+            agent_id: reg.agent_id,
+            org_id: reg.org_id,
+            conn_id: self.next_conn.fetch_add(1, Ordering::Relaxed),
+            kinds: reg.kinds,
+            backends: reg.backends,
+            max_in_flight: reg.max_in_flight.max(1),
+            tags: Mutex::new(reg.tags),
+            in_flight: Mutex::new(HashSet::new()),
+            tx,
+            close: CancellationToken::new(),
+            close_reason: Mutex::new(None),
+        });
+        let old = lock(&self.agents).insert(handle.agent_id.clone(), handle.clone());
+        if let Some(old) = old {
+            old.close_with(
+                paddock_proto::ErrorCode::ProtocolViolation,
+                "replaced by a newer connection of the same agent",
+            );
+        }
+        (handle, rx)
+    }
+
+    /// Removes a connection if it is still the registered one.
+    pub fn unregister(&self, agent_id: &str, conn_id: u64) {
+        let mut agents = lock(&self.agents);
+        if agents.get(agent_id).is_some_and(|h| h.conn_id == conn_id) {
+            agents.remove(agent_id);
+        }
+    }
+
+    /// The live connection of an agent on this replica.
+    pub fn get(&self, agent_id: &str) -> Option<Arc<AgentHandle>> {
+        lock(&self.agents).get(agent_id).cloned()
+    }
+
+    /// All live connections.
+    pub fn snapshot(&self) -> Vec<Arc<AgentHandle>> {
+        lock(&self.agents).values().cloned().collect()
+    }
+
+    /// Number of live connections.
+    pub fn len(&self) -> usize {
+        lock(&self.agents).len()
+    }
+
+    /// Whether no agent is connected.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

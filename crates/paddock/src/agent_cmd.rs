@@ -1,0 +1,338 @@
+//! `paddock agent ...`: pair and run an agent, and the admin commands around agents.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use paddock_agent::{AgentSettings, Credentials, Runner, credentials};
+use reqwest::Method;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{Api, ApiArgs};
+
+/// How the agent runs tasks. Every flag can also be given by the environment variable shown.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct RunSettings {
+    /// Default sandbox backend.
+    #[arg(long, env = "PADDOCK_AGENT_EXEC_BACKEND", default_value = "host", value_parser = ["host"])]
+    pub exec_backend: String,
+    /// Root of per-run work directories (default ~/.paddock/workdir).
+    #[arg(long, env = "PADDOCK_AGENT_WORKDIR_ROOT")]
+    pub workdir_root: Option<PathBuf>,
+    /// Output cap per stream, in characters.
+    #[arg(
+        long,
+        env = "PADDOCK_AGENT_HOST_OUTPUT_MAX_CHARS",
+        default_value_t = 65_536
+    )]
+    pub host_output_max_chars: usize,
+    /// Grace between SIGTERM and SIGKILL when a task times out (ms).
+    #[arg(long, env = "PADDOCK_AGENT_HOST_KILL_GRACE_MS", default_value_t = 500)]
+    pub host_kill_grace_ms: u64,
+    /// Tasks run at once (declared to the gateway as maxInFlight).
+    #[arg(long, env = "PADDOCK_AGENT_MAX_IN_FLIGHT", default_value_t = 10)]
+    pub max_in_flight: u32,
+    /// Extra CA bundle (PEM) for wss:// and https:// gateways.
+    #[arg(long, env = "PADDOCK_AGENT_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// On SIGTERM/Ctrl-C, how long running tasks may finish before they are handed back (s).
+    #[arg(long, env = "PADDOCK_AGENT_SHUTDOWN_GRACE_SEC", default_value_t = 30)]
+    pub shutdown_grace_sec: u64,
+    /// Log filter.
+    #[arg(long, env = "PADDOCK_AGENT_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+impl RunSettings {
+    fn settings(&self, tags: Vec<String>) -> AgentSettings {
+        let home = paddock_agent::settings::home_dir();
+        let mut s = AgentSettings::with_home(&home);
+        s.exec_backend = self.exec_backend.clone();
+        if let Some(root) = &self.workdir_root {
+            s.workdir_root = root.clone();
+        }
+        s.host_output_max_chars = self.host_output_max_chars.max(1);
+        s.host_kill_grace = Duration::from_millis(self.host_kill_grace_ms);
+        s.max_in_flight = self.max_in_flight.max(1);
+        s.reported_tags = tags;
+        s.tls_ca_file = self.tls_ca_file.clone();
+        s.shutdown_grace = Duration::from_secs(self.shutdown_grace_sec);
+        s
+    }
+}
+
+/// `paddock agent ...`
+#[derive(Debug, Subcommand)]
+pub(crate) enum AgentCommand {
+    /// Pair with a gateway (first time, with --pairing-token) and run.
+    ///
+    /// The agent token is stored in ~/.paddock/agent.json (mode 0600); later runs without
+    /// --pairing-token reuse it.
+    Connect(ConnectArgs),
+    /// Run a managed executor with issued credentials (seed: managed pool bootstrap).
+    Start(StartArgs),
+    /// Create a pairing token (owner/admin) and print the connect command.
+    PairingToken {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the org's agents.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set an agent's control-plane tags (comma-separated; `group:NAME` for groups).
+    Tags {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Agent id.
+        agent_id: String,
+        /// Tags, e.g. `west,group:beta` (empty string clears them).
+        tags: String,
+    },
+    /// Revoke an agent; its connection is closed at once.
+    Revoke {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Agent id.
+        agent_id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ConnectArgs {
+    /// Single-use pairing token (from `paddock agent pairing-token` or the API).
+    #[arg(long, env = "PADDOCK_PAIRING_TOKEN", hide_env_values = true)]
+    pairing_token: Option<String>,
+    /// Gateway HTTP base URL.
+    #[arg(
+        long,
+        env = "PADDOCK_API_BASE",
+        default_value = "http://localhost:3002"
+    )]
+    api_base: String,
+    /// Override the executor WebSocket URL (default: derived from --api-base).
+    #[arg(long, env = "PADDOCK_GATEWAY_WS_URL")]
+    gateway_ws_url: Option<String>,
+    /// Tags to report (informational: routing uses control-plane tags only).
+    #[arg(long, env = "PADDOCK_AGENT_TAGS", value_delimiter = ',')]
+    tags: Vec<String>,
+    /// Agent name shown in listings (default: host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Credentials file.
+    #[arg(long, env = "PADDOCK_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Pair, store the credentials and exit without connecting.
+    #[arg(long)]
+    pair_only: bool,
+    #[command(flatten)]
+    run: RunSettings,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct StartArgs {
+    /// Pool the executor belongs to.
+    #[arg(long, default_value = "managed", value_parser = ["managed"])]
+    pool: String,
+    /// Executor id from `POST /internal/v1/managed-executors/issue`.
+    #[arg(long, env = "PADDOCK_EXECUTOR_ID")]
+    executor_id: String,
+    /// Executor token (prefer the environment variable: argv is visible to other users).
+    #[arg(long, env = "PADDOCK_EXECUTOR_TOKEN", hide_env_values = true)]
+    executor_token: String,
+    /// Executor WebSocket URL.
+    #[arg(long, env = "PADDOCK_GATEWAY_WS_URL")]
+    gateway_ws_url: String,
+    /// Gateway HTTP base URL.
+    #[arg(
+        long,
+        env = "PADDOCK_API_BASE",
+        default_value = "http://localhost:3002"
+    )]
+    api_base: String,
+    /// Tags to report (informational).
+    #[arg(long, env = "PADDOCK_AGENT_TAGS", value_delimiter = ',')]
+    tags: Vec<String>,
+    #[command(flatten)]
+    run: RunSettings,
+}
+
+pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<i32> {
+    match cmd {
+        AgentCommand::Connect(args) => connect(args).await,
+        AgentCommand::Start(args) => start(args).await,
+        AgentCommand::PairingToken { api, json } => {
+            let api = Api::connect(&api).await?;
+            let v = api
+                .request(Method::POST, &api.org_path("/agents/pairing-tokens"), None)
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "pairing token (single use, valid 15 minutes):\n  {}\n\non the agent machine:\n  {}",
+                    v["token"].as_str().unwrap_or(""),
+                    v["connectCommand"].as_str().unwrap_or("")
+                );
+            }
+            Ok(0)
+        }
+        AgentCommand::List { api, json } => {
+            let api = Api::connect(&api).await?;
+            let v = api
+                .request(Method::GET, &api.org_path("/agents"), None)
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for a in v["agents"].as_array().into_iter().flatten() {
+                    println!(
+                        "{}  {:<8} {:<8} {:<20} tags={} reported={}",
+                        a["id"].as_str().unwrap_or(""),
+                        a["status"].as_str().unwrap_or(""),
+                        a["pool"].as_str().unwrap_or(""),
+                        a["name"].as_str().unwrap_or(""),
+                        a["tags"],
+                        a["reportedTags"]
+                    );
+                }
+            }
+            Ok(0)
+        }
+        AgentCommand::Tags {
+            api,
+            agent_id,
+            tags,
+        } => {
+            let api = Api::connect(&api).await?;
+            let list: Vec<&str> = tags
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .collect();
+            let v = api
+                .request(
+                    Method::PUT,
+                    &api.org_path(&format!("/agents/{agent_id}/tags")),
+                    Some(&serde_json::json!({ "tags": list })),
+                )
+                .await?;
+            println!("{}", v["tags"]);
+            Ok(0)
+        }
+        AgentCommand::Revoke { api, agent_id } => {
+            let api = Api::connect(&api).await?;
+            let v = api
+                .request(
+                    Method::POST,
+                    &api.org_path(&format!("/agents/{agent_id}/revoke")),
+                    None,
+                )
+                .await?;
+            println!("{}", v["status"].as_str().unwrap_or(""));
+            Ok(0)
+        }
+    }
+}
+
+async fn connect(args: ConnectArgs) -> anyhow::Result<i32> {
+    crate::logging::init(&args.run.log_level, false);
+    let home = paddock_agent::settings::home_dir();
+    let path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| credentials::default_path(&home));
+    let mut creds = match &args.pairing_token {
+        Some(token) => {
+            let name = args.name.clone().unwrap_or_else(hostname);
+            let creds = paddock_agent::pair(
+                &args.api_base,
+                token,
+                &name,
+                args.run.tls_ca_file.as_deref(),
+            )
+            .await?;
+            credentials::store(&path, &creds)?;
+            eprintln!(
+                "paired as agent {} of org {}; credentials stored in {}",
+                creds.agent_id,
+                creds.org_id,
+                path.display()
+            );
+            creds
+        }
+        None => credentials::load(&path)?.with_context(|| {
+            format!(
+                "no stored credentials at {}: pair first with --pairing-token",
+                path.display()
+            )
+        })?,
+    };
+    if let Some(ws) = &args.gateway_ws_url {
+        creds.gateway_ws_url = ws.clone();
+    }
+    if args.pair_only {
+        return Ok(0);
+    }
+    serve(creds, args.run.settings(args.tags)).await
+}
+
+async fn start(args: StartArgs) -> anyhow::Result<i32> {
+    crate::logging::init(&args.run.log_level, false);
+    let org_id = args
+        .executor_token
+        .split_once('.')
+        .map(|(o, _)| o.to_string())
+        .context("executor token must look like <orgId>.<secret>")?;
+    let _ = &args.pool;
+    let creds = Credentials {
+        version: credentials::CREDENTIALS_VERSION,
+        api_base: args.api_base.clone(),
+        gateway_ws_url: args.gateway_ws_url.clone(),
+        agent_id: args.executor_id.clone(),
+        org_id,
+        agent_token: args.executor_token.clone(),
+    };
+    serve(creds, args.run.settings(args.tags)).await
+}
+
+async fn serve(creds: Credentials, settings: AgentSettings) -> anyhow::Result<i32> {
+    std::fs::create_dir_all(&settings.workdir_root)
+        .with_context(|| format!("creating {}", settings.workdir_root.display()))?;
+    let runner = Runner::new(settings);
+    let shutdown = CancellationToken::new();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            crate::shutdown_signal().await;
+            tracing::info!("shutdown requested: finishing running tasks");
+            shutdown.cancel();
+            // A second signal stops at once.
+            crate::shutdown_signal().await;
+            std::process::exit(130);
+        }
+    });
+    tracing::info!(agent = %creds.agent_id, url = %creds.gateway_ws_url, "agent starting");
+    match paddock_agent::run(runner, &creds, shutdown).await {
+        Ok(()) => Ok(0),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            Ok(1)
+        }
+    }
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "agent".into())
+}

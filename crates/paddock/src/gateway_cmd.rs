@@ -1,0 +1,166 @@
+//! `paddock gateway`: the control plane, configured by the seed's `GATEWAY_*` variables.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use paddock_gateway::{Gateway, GatewayConfig, GatewayRole};
+
+/// Gateway settings. Every flag can also be given by the environment variable shown.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct GatewayArgs {
+    /// Address to listen on.
+    #[arg(long, env = "GATEWAY_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one; the chosen port is logged).
+    #[arg(long, env = "GATEWAY_PORT", default_value_t = 3002)]
+    pub port: u16,
+    /// Which parts to run: `edge` (API, executor WebSocket, dispatch), `brain` (reapers,
+    /// internal endpoints) or `all`.
+    #[arg(long, env = "GATEWAY_ROLE", default_value = "all", value_parser = ["edge", "brain", "all"])]
+    pub role: String,
+    /// Log filter (`info`, `debug`, `paddock_gateway=debug,info`, ...).
+    #[arg(long, env = "GATEWAY_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "GATEWAY_LOG_JSON")]
+    pub log_json: bool,
+    /// An agent silent this long (ms) is disconnected and listed offline.
+    #[arg(long, env = "GATEWAY_AGENT_STALE_MS", default_value_t = 60_000)]
+    pub agent_stale_ms: u64,
+    /// Shared secret for `/internal/...` and `POST /v1/orgs`. Required unless
+    /// PADDOCK_ENV=test or development.
+    #[arg(long, env = "GATEWAY_SERVICE_TOKEN", hide_env_values = true)]
+    pub service_token: Option<String>,
+    /// Read the service token from this file instead.
+    #[arg(
+        long,
+        env = "GATEWAY_SERVICE_TOKEN_FILE",
+        conflicts_with = "service_token"
+    )]
+    pub service_token_file: Option<PathBuf>,
+    /// Public HTTP base URL (shown to users and in pairing commands).
+    #[arg(
+        long,
+        env = "GATEWAY_HTTP_URL",
+        default_value = "http://localhost:3002"
+    )]
+    pub http_url: String,
+    /// Public executor WebSocket URL.
+    #[arg(
+        long,
+        env = "GATEWAY_WS_URL",
+        default_value = "ws://localhost:3002/ws/executor"
+    )]
+    pub ws_url: String,
+    /// Seconds finished results are kept before the reaper deletes them.
+    #[arg(long, env = "GATEWAY_RESULTS_TTL_SEC", default_value_t = 900)]
+    pub results_ttl_sec: u64,
+    /// Per-org cap on dispatched + running tasks; more wait queued (unset: no cap).
+    #[arg(long, env = "GATEWAY_ORG_MAX_INFLIGHT")]
+    pub org_max_inflight: Option<u32>,
+    /// Database: `sqlite://PATH` (default, under --data-dir) or `postgres://...` (several
+    /// replicas may share one PostgreSQL).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Directory for the default SQLite database.
+    #[arg(long, env = "PADDOCK_DATA_DIR", default_value = "./paddock-data")]
+    pub data_dir: PathBuf,
+    /// Name of this replica (default: random).
+    #[arg(long, env = "GATEWAY_REPLICA_ID")]
+    pub replica_id: Option<String>,
+    /// Lease of a dispatched attempt (ms); renewed while its agent is connected. A task whose
+    /// agent is gone this long is re-dispatched or fails with AGENT_LOST.
+    #[arg(long, env = "GATEWAY_LEASE_MS", default_value_t = 30_000)]
+    pub lease_ms: u64,
+    /// Heartbeat interval asked of agents (ms).
+    #[arg(long, env = "GATEWAY_HEARTBEAT_MS", default_value_t = 5_000)]
+    pub heartbeat_ms: u64,
+    /// Attempts per task when agents are lost (1 = never re-dispatch).
+    #[arg(long, env = "GATEWAY_MAX_ATTEMPTS", default_value_t = 2)]
+    pub max_attempts: u32,
+    /// How long a queued task waits for an agent before QUEUE_TIMEOUT (ms).
+    #[arg(long, env = "GATEWAY_QUEUE_TIMEOUT_MS", default_value_t = 600_000)]
+    pub queue_timeout_ms: u64,
+    /// Period of reapers and dispatch sweeps (ms).
+    #[arg(long, env = "GATEWAY_TICK_MS", default_value_t = 1_000, hide = true)]
+    pub tick_ms: u64,
+}
+
+impl GatewayArgs {
+    pub(crate) fn database_url(&self) -> anyhow::Result<String> {
+        match &self.database_url {
+            Some(u) => Ok(u.clone()),
+            None => {
+                std::fs::create_dir_all(&self.data_dir)
+                    .with_context(|| format!("creating {}", self.data_dir.display()))?;
+                Ok(format!(
+                    "sqlite://{}",
+                    self.data_dir.join("paddock.db").display()
+                ))
+            }
+        }
+    }
+
+    pub(crate) fn config(&self) -> anyhow::Result<GatewayConfig> {
+        let mut cfg = GatewayConfig::new(self.database_url()?);
+        cfg.role =
+            GatewayRole::parse(&self.role).context("GATEWAY_ROLE must be edge, brain or all")?;
+        if let Some(r) = &self.replica_id {
+            cfg.replica_id = r.clone();
+        }
+        cfg.agent_stale = Duration::from_millis(self.agent_stale_ms.max(100));
+        cfg.service_token = match (&self.service_token, &self.service_token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        if cfg.service_token.as_deref().is_some_and(|t| t.len() < 16) {
+            anyhow::bail!("GATEWAY_SERVICE_TOKEN must be at least 16 characters");
+        }
+        cfg.http_url = self.http_url.trim_end_matches('/').to_string();
+        cfg.ws_url = self.ws_url.clone();
+        cfg.results_ttl = Duration::from_secs(self.results_ttl_sec);
+        cfg.org_max_inflight = self.org_max_inflight.filter(|n| *n > 0);
+        cfg.lease = Duration::from_millis(self.lease_ms.max(100));
+        cfg.heartbeat_interval = Duration::from_millis(self.heartbeat_ms.max(50));
+        cfg.max_attempts = self.max_attempts.clamp(1, 10);
+        cfg.queue_timeout = Duration::from_millis(self.queue_timeout_ms);
+        cfg.tick = Duration::from_millis(self.tick_ms.max(10));
+        Ok(cfg)
+    }
+}
+
+pub(crate) async fn run(args: GatewayArgs) -> anyhow::Result<i32> {
+    crate::logging::init(&args.log_level, args.log_json);
+    let cfg = args.config()?;
+    if cfg.service_token.is_none() {
+        let env = std::env::var("PADDOCK_ENV").unwrap_or_default();
+        if env != "test" && env != "development" {
+            anyhow::bail!(
+                "GATEWAY_SERVICE_TOKEN is required (or GATEWAY_SERVICE_TOKEN_FILE); set PADDOCK_ENV=development to run without internal endpoints"
+            );
+        }
+        tracing::warn!("no service token: internal endpoints answer GATEWAY_NOT_CONFIGURED");
+    }
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(
+        %addr, role = %args.role, replica = %cfg.replica_id,
+        database = %paddock_store::redact_url(&cfg.database_url),
+        "gateway listening"
+    );
+    // A line tests and scripts can wait for.
+    println!("paddock gateway listening on {addr}");
+    let gateway = Gateway::start(cfg).await?;
+    gateway.serve(listener, crate::shutdown_signal()).await?;
+    Ok(0)
+}
