@@ -81,3 +81,38 @@ pub(crate) fn service(state: &AppState, headers: &HeaderMap) -> Result<(), ApiEr
         Err(ApiError::unauthorized("invalid service token"))
     }
 }
+
+/// Middleware for `/v1/orgs/{org_id}/...`: authenticates before anything else (so a bad
+/// body never answers before a bad token) and stores the principal for the handler.
+pub(crate) async fn org_layer(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    axum::extract::Path(params): axum::extract::Path<std::collections::HashMap<String, String>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<axum::response::Response, ApiError> {
+    let org_id = params.get("org_id").cloned().unwrap_or_default();
+    let principal = org_principal(&state, req.headers(), &org_id, Role::Member).await?;
+    req.extensions_mut().insert(principal);
+    Ok(next.run(req).await)
+}
+
+/// Middleware for service-token routes.
+pub(crate) async fn service_layer(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<axum::response::Response, ApiError> {
+    service(&state, req.headers())?;
+    Ok(next.run(req).await)
+}
+
+/// Checks the role of an authenticated principal.
+pub(crate) fn require_role(p: &ApiPrincipal, min_role: Role) -> Result<(), ApiError> {
+    if p.role < min_role {
+        return Err(ApiError::forbidden(format!(
+            "this operation needs the {} role",
+            min_role.as_str()
+        )));
+    }
+    Ok(())
+}

@@ -52,10 +52,10 @@ pub struct AppState {
 pub fn app(state: AppState) -> Router {
     let mut router = api::common_routes();
     if state.cfg.role.is_edge() {
-        router = router.merge(api::edge_routes());
+        router = router.merge(api::edge_routes(&state));
     }
     if state.cfg.role.is_brain() {
-        router = router.merge(api::internal_routes());
+        router = router.merge(api::internal_routes(&state));
     }
     router
         .fallback(|| async { error::ApiError::not_found("route") })

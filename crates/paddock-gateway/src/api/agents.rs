@@ -1,15 +1,16 @@
 //! Pairing, agents, control-plane tags, revocation and managed executors (seed 004).
 
-use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
+use axum::{Extension, Json};
 use paddock_proto::ErrorCode;
+use paddock_store::ApiPrincipal;
 use paddock_store::{Agent, PairingError, Role};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::AppState;
-use crate::auth::{org_principal, service};
+use crate::auth::require_role;
 use crate::bus::{self, BusEvent};
 use crate::error::{ApiError, AppJson};
 
@@ -33,10 +34,11 @@ pub(crate) struct PairingToken {
     responses((status = 201, body = PairingToken), (status = 403, body = crate::error::ErrorResponse)))]
 pub(crate) async fn create_pairing_token(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(principal): Extension<ApiPrincipal>,
     Path(org_id): Path<String>,
 ) -> Result<(StatusCode, Json<PairingToken>), ApiError> {
-    let me = org_principal(&state, &headers, &org_id, Role::Admin).await?;
+    require_role(&principal, Role::Admin)?;
+    let me = &principal;
     let (token, expires_at) = state
         .store
         .create_pairing_token(&org_id, &me.token_id)
@@ -166,10 +168,10 @@ pub(crate) struct AgentList {
     responses((status = 200, body = AgentList)))]
 pub(crate) async fn list_agents(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(principal): Extension<ApiPrincipal>,
     Path(org_id): Path<String>,
 ) -> Result<Json<AgentList>, ApiError> {
-    org_principal(&state, &headers, &org_id, Role::Member).await?;
+    require_role(&principal, Role::Member)?;
     let agents = state.store.list_agents(&org_id).await?;
     Ok(Json(AgentList {
         agents: agents.into_iter().map(|a| view(&state, a)).collect(),
@@ -182,10 +184,10 @@ pub(crate) async fn list_agents(
     responses((status = 200, body = AgentView), (status = 404, body = crate::error::ErrorResponse)))]
 pub(crate) async fn get_agent(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(principal): Extension<ApiPrincipal>,
     Path((org_id, agent_id)): Path<(String, String)>,
 ) -> Result<Json<AgentView>, ApiError> {
-    org_principal(&state, &headers, &org_id, Role::Member).await?;
+    require_role(&principal, Role::Member)?;
     let agent = state
         .store
         .get_agent(&org_id, &agent_id)
@@ -231,11 +233,11 @@ pub(crate) fn validate_tags(tags: &[String]) -> Result<Vec<String>, ApiError> {
     responses((status = 200, body = AgentView), (status = 404, body = crate::error::ErrorResponse)))]
 pub(crate) async fn set_tags(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(principal): Extension<ApiPrincipal>,
     Path((org_id, agent_id)): Path<(String, String)>,
     AppJson(body): AppJson<SetTags>,
 ) -> Result<Json<AgentView>, ApiError> {
-    org_principal(&state, &headers, &org_id, Role::Admin).await?;
+    require_role(&principal, Role::Admin)?;
     let tags = validate_tags(&body.tags)?;
     let agent = state
         .store
@@ -259,10 +261,10 @@ pub(crate) async fn set_tags(
     responses((status = 200, body = AgentView), (status = 404, body = crate::error::ErrorResponse)))]
 pub(crate) async fn revoke(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(principal): Extension<ApiPrincipal>,
     Path((org_id, agent_id)): Path<(String, String)>,
 ) -> Result<Json<AgentView>, ApiError> {
-    org_principal(&state, &headers, &org_id, Role::Admin).await?;
+    require_role(&principal, Role::Admin)?;
     let agent = state
         .store
         .revoke_agent(&org_id, &agent_id)
@@ -307,10 +309,8 @@ pub(crate) struct ManagedCredentials {
     responses((status = 201, body = ManagedCredentials), (status = 401, body = crate::error::ErrorResponse)))]
 pub(crate) async fn issue_managed(
     State(state): State<AppState>,
-    headers: HeaderMap,
     AppJson(body): AppJson<IssueManaged>,
 ) -> Result<(StatusCode, Json<ManagedCredentials>), ApiError> {
-    service(&state, &headers)?;
     if state.store.get_org(&body.org_id).await?.is_none() {
         return Err(ApiError::not_found("org"));
     }
@@ -337,10 +337,8 @@ pub(crate) async fn issue_managed(
     responses((status = 200, body = AgentView), (status = 404, body = crate::error::ErrorResponse)))]
 pub(crate) async fn revoke_managed(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(executor_id): Path<String>,
 ) -> Result<Json<AgentView>, ApiError> {
-    service(&state, &headers)?;
     let agent = state
         .store
         .find_agent(&executor_id)

@@ -6,15 +6,14 @@ pub(crate) mod orgs;
 pub(crate) mod system;
 pub(crate) mod tasks;
 
-use axum::Router;
 use axum::routing::{get, post, put};
+use axum::{Router, middleware};
 
 use crate::AppState;
 
 /// The routes of the public API and the executor WebSocket (`edge` role).
-pub(crate) fn edge_routes() -> Router<AppState> {
-    Router::new()
-        .route("/v1/whoami", get(orgs::whoami))
+pub(crate) fn edge_routes(state: &AppState) -> Router<AppState> {
+    let org_scoped = Router::new()
         .route("/v1/orgs/{org_id}", get(orgs::get_org))
         .route("/v1/orgs/{org_id}/tokens", post(orgs::create_token))
         .route(
@@ -25,7 +24,6 @@ pub(crate) fn edge_routes() -> Router<AppState> {
             "/v1/orgs/{org_id}/agents/pairing-tokens",
             post(agents::create_pairing_token),
         )
-        .route("/v1/agents/pair", post(agents::pair))
         .route("/v1/orgs/{org_id}/agents", get(agents::list_agents))
         .route(
             "/v1/orgs/{org_id}/agents/{agent_id}",
@@ -61,11 +59,19 @@ pub(crate) fn edge_routes() -> Router<AppState> {
             "/v1/orgs/{org_id}/tasks/{task_id}/cancel",
             post(tasks::cancel),
         )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::org_layer,
+        ));
+    Router::new()
+        .merge(org_scoped)
+        .route("/v1/whoami", get(orgs::whoami))
+        .route("/v1/agents/pair", post(agents::pair))
         .route("/ws/executor", get(crate::executor_ws::ws_executor))
 }
 
 /// Internal service-to-service routes (`brain` role), behind `X-Service-Token`.
-pub(crate) fn internal_routes() -> Router<AppState> {
+pub(crate) fn internal_routes(state: &AppState) -> Router<AppState> {
     Router::new()
         .route("/v1/orgs", post(orgs::create_org))
         .route("/internal/v1/dispatch", post(tasks::internal_dispatch))
@@ -77,6 +83,10 @@ pub(crate) fn internal_routes() -> Router<AppState> {
             "/internal/v1/managed-executors/{executor_id}/revoke",
             post(agents::revoke_managed),
         )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::service_layer,
+        ))
 }
 
 /// Routes every role serves.

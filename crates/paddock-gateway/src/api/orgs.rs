@@ -1,14 +1,15 @@
 //! Orgs and API tokens.
 
-use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::{Extension, Json};
+use paddock_store::ApiPrincipal;
 use paddock_store::{Org, Role};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::AppState;
-use crate::auth::{org_principal, service};
+use crate::auth::require_role;
 use crate::error::{ApiError, AppJson};
 
 /// Body of `POST /v1/orgs`.
@@ -36,10 +37,8 @@ pub(crate) struct CreatedOrg {
     params(("X-Service-Token" = String, Header, description = "GATEWAY_SERVICE_TOKEN")))]
 pub(crate) async fn create_org(
     State(state): State<AppState>,
-    headers: HeaderMap,
     AppJson(body): AppJson<CreateOrg>,
 ) -> Result<(StatusCode, Json<CreatedOrg>), ApiError> {
-    service(&state, &headers)?;
     let name = body.name.trim();
     if name.is_empty() || name.len() > 200 {
         return Err(ApiError::invalid("name must be 1 to 200 characters"));
@@ -59,10 +58,10 @@ pub(crate) async fn create_org(
     responses((status = 200, body = Object), (status = 403, body = crate::error::ErrorResponse)))]
 pub(crate) async fn get_org(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(principal): Extension<ApiPrincipal>,
     Path(org_id): Path<String>,
 ) -> Result<Json<Org>, ApiError> {
-    org_principal(&state, &headers, &org_id, Role::Member).await?;
+    require_role(&principal, Role::Member)?;
     let org = state
         .store
         .get_org(&org_id)
@@ -99,11 +98,12 @@ pub(crate) struct CreatedToken {
     responses((status = 201, body = CreatedToken), (status = 403, body = crate::error::ErrorResponse)))]
 pub(crate) async fn create_token(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(principal): Extension<ApiPrincipal>,
     Path(org_id): Path<String>,
     AppJson(body): AppJson<CreateToken>,
 ) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
-    let me = org_principal(&state, &headers, &org_id, Role::Admin).await?;
+    require_role(&principal, Role::Admin)?;
+    let me = &principal;
     let role = Role::parse(&body.role)
         .ok_or_else(|| ApiError::invalid("role must be owner, admin or member"))?;
     if role > me.role {
@@ -131,10 +131,10 @@ pub(crate) async fn create_token(
     responses((status = 204), (status = 404, body = crate::error::ErrorResponse)))]
 pub(crate) async fn revoke_token(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(principal): Extension<ApiPrincipal>,
     Path((org_id, token_id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    org_principal(&state, &headers, &org_id, Role::Admin).await?;
+    require_role(&principal, Role::Admin)?;
     if state.store.revoke_api_token(&org_id, &token_id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {

@@ -12,19 +12,20 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Json;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::{Extension, Json};
 use futures_util::Stream;
 use paddock_proto::{ErrorCode, TaskSpec, now_ms};
+use paddock_store::ApiPrincipal;
 use paddock_store::{EventRow, NewTask, OutputRow, Role, TaskRow, TaskState};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
-use crate::auth::{org_principal, service};
+use crate::auth::require_role;
 use crate::bus::{self, BusEvent};
 use crate::error::{ApiError, AppJson};
 
@@ -82,12 +83,12 @@ pub(crate) struct SubmitQuery {
     responses((status = 202, body = Submitted), (status = 400, body = crate::error::ErrorResponse)))]
 pub(crate) async fn submit(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(principal): Extension<ApiPrincipal>,
     Path(org_id): Path<String>,
     Query(q): Query<SubmitQuery>,
     AppJson(spec): AppJson<TaskSpec>,
 ) -> Result<(StatusCode, Json<Submitted>), ApiError> {
-    org_principal(&state, &headers, &org_id, Role::Member).await?;
+    require_role(&principal, Role::Member)?;
     validate(&spec)?;
     if q.require_agent && !any_eligible_agent(&state, &org_id, &spec).await? {
         return Err(no_agent());
@@ -202,12 +203,12 @@ pub(crate) async fn wait_terminal(
     responses((status = 200, body = Object), (status = 202, body = Object), (status = 503, body = crate::error::ErrorResponse)))]
 pub(crate) async fn run(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(principal): Extension<ApiPrincipal>,
     Path(org_id): Path<String>,
     Query(q): Query<RunQuery>,
     AppJson(spec): AppJson<TaskSpec>,
 ) -> Result<(StatusCode, Json<TaskRow>), ApiError> {
-    org_principal(&state, &headers, &org_id, Role::Member).await?;
+    require_role(&principal, Role::Member)?;
     submit_and_wait(&state, &org_id, spec, q.wait_ms).await
 }
 
@@ -231,10 +232,8 @@ pub(crate) struct InternalDispatch {
     responses((status = 200, body = Object), (status = 503, body = crate::error::ErrorResponse)))]
 pub(crate) async fn internal_dispatch(
     State(state): State<AppState>,
-    headers: HeaderMap,
     AppJson(body): AppJson<InternalDispatch>,
 ) -> Result<(StatusCode, Json<TaskRow>), ApiError> {
-    service(&state, &headers)?;
     if state.store.get_org(&body.org_id).await?.is_none() {
         return Err(ApiError::not_found("org"));
     }
@@ -247,10 +246,10 @@ pub(crate) async fn internal_dispatch(
     responses((status = 200, body = Object), (status = 404, body = crate::error::ErrorResponse)))]
 pub(crate) async fn get(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(principal): Extension<ApiPrincipal>,
     Path((org_id, task_id)): Path<(String, String)>,
 ) -> Result<Json<TaskRow>, ApiError> {
-    org_principal(&state, &headers, &org_id, Role::Member).await?;
+    require_role(&principal, Role::Member)?;
     let task = state
         .store
         .get_task(&org_id, &task_id)
@@ -282,11 +281,11 @@ pub(crate) struct TaskList {
     responses((status = 200, body = TaskList)))]
 pub(crate) async fn list(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(principal): Extension<ApiPrincipal>,
     Path(org_id): Path<String>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<TaskList>, ApiError> {
-    org_principal(&state, &headers, &org_id, Role::Member).await?;
+    require_role(&principal, Role::Member)?;
     let filter = match q.state.as_deref() {
         None => None,
         Some(s) => Some(
@@ -325,11 +324,11 @@ pub(crate) struct OutputPage {
     responses((status = 200, body = OutputPage)))]
 pub(crate) async fn output(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(principal): Extension<ApiPrincipal>,
     Path((org_id, task_id)): Path<(String, String)>,
     Query(q): Query<OutputQuery>,
 ) -> Result<Json<OutputPage>, ApiError> {
-    org_principal(&state, &headers, &org_id, Role::Member).await?;
+    require_role(&principal, Role::Member)?;
     let task = state
         .store
         .get_task(&org_id, &task_id)
@@ -357,10 +356,10 @@ pub(crate) struct EventList {
     responses((status = 200, body = EventList)))]
 pub(crate) async fn events(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(principal): Extension<ApiPrincipal>,
     Path((org_id, task_id)): Path<(String, String)>,
 ) -> Result<Json<EventList>, ApiError> {
-    org_principal(&state, &headers, &org_id, Role::Member).await?;
+    require_role(&principal, Role::Member)?;
     state
         .store
         .get_task(&org_id, &task_id)
@@ -377,10 +376,10 @@ pub(crate) async fn events(
     responses((status = 202, body = Object), (status = 404, body = crate::error::ErrorResponse)))]
 pub(crate) async fn cancel(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(principal): Extension<ApiPrincipal>,
     Path((org_id, task_id)): Path<(String, String)>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    org_principal(&state, &headers, &org_id, Role::Member).await?;
+    require_role(&principal, Role::Member)?;
     match state
         .store
         .cancel_task(&org_id, &task_id, state.cfg.results_ttl_ms())
@@ -526,10 +525,10 @@ impl Streamer {
     responses((status = 200, description = "text/event-stream")))]
 pub(crate) async fn stream(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(principal): Extension<ApiPrincipal>,
     Path((org_id, task_id)): Path<(String, String)>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    org_principal(&state, &headers, &org_id, Role::Member).await?;
+    require_role(&principal, Role::Member)?;
     state
         .store
         .get_task(&org_id, &task_id)

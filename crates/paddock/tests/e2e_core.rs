@@ -1,0 +1,530 @@
+//! End-to-end: the real binary as gateway and agents, on SQLite and on PostgreSQL.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use reqwest::Method;
+use serde_json::json;
+
+on_both_databases!(
+    pair_run_and_revoke,
+    routing_uses_control_plane_tags_only,
+    max_in_flight_and_org_quota_queue_work,
+    agent_killed_mid_task_is_redispatched_once,
+    agent_lost_without_attempts_left_fails_agent_lost,
+    gateway_restart_mid_task_keeps_the_result,
+    cross_org_access_is_denied_everywhere,
+    results_are_deleted_after_ttl,
+    cancel_running_task_kills_it,
+);
+
+async fn setup(db: Db, env: &[(&str, &str)]) -> Option<(GatewayProc, Org, tempfile::TempDir)> {
+    let dir = tempfile::tempdir().unwrap();
+    let url = fresh_db(db, dir.path()).await?;
+    let gw = GatewayProc::start(&url, env).await;
+    let org = gw.create_org("acme").await;
+    Some((gw, org, dir))
+}
+
+async fn pair_run_and_revoke(db: Db) {
+    let Some((gw, org, _d)) = setup(db, &[]).await else {
+        return;
+    };
+    // Pairing tokens need owner/admin.
+    let member = org
+        .post(&org.p("/tokens"), json!({"name": "m", "role": "member"}))
+        .await;
+    assert_eq!(member.status, 201);
+    let member_token = member.body["token"].as_str().unwrap();
+    let denied = org
+        .call_as(
+            member_token,
+            &org.id,
+            Method::POST,
+            &org.p("/agents/pairing-tokens"),
+            None,
+        )
+        .await;
+    assert_eq!((denied.status, denied.code()), (403, "FORBIDDEN"));
+
+    let mut agent = AgentProc::pair(&org, &["--tags", "east,group:alpha"], &[]).await;
+    let creds = agent.home.path().join(".paddock/agent.json");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&creds).unwrap().permissions())
+            & 0o777;
+    assert_eq!(mode, 0o600, "agent.json must be 0600");
+    let stored: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&creds).unwrap()).unwrap();
+    assert!(
+        stored["agentToken"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}.", org.id))
+    );
+
+    let listed = org.get(&org.p("/agents")).await;
+    let a = &listed.body["agents"][0];
+    assert_eq!(a["status"], "online");
+    assert_eq!(a["reportedTags"], json!(["east", "group:alpha"]));
+    assert_eq!(
+        a["tags"],
+        json!([]),
+        "reported tags are not control-plane tags"
+    );
+    assert_eq!(a["capabilities"]["kinds"], json!(["agent.execute"]));
+    assert_eq!(a["capabilities"]["maxInFlight"], 10);
+
+    // Submit-and-wait: output, exit code, env minimal.
+    let r = org
+        .post(&org.p("/tasks/run"), json!({"kind": "agent.execute", "shell": {"script": "echo out; echo err >&2; echo HOME=$HOME; env | grep -c GATEWAY_ || true; exit 3", "env": {"X": "1"}}}))
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["state"], "failed");
+    assert_eq!(r.body["exitCode"], 3);
+    let out = r.body["result"]["stdout"].as_str().unwrap();
+    assert!(out.starts_with("out\nHOME="), "{out}");
+    assert!(
+        out.ends_with("0\n"),
+        "no gateway variables leak into the task: {out}"
+    );
+    assert_eq!(r.body["result"]["stderr"], "err\n");
+    let live = org
+        .get(&org.p(&format!("/tasks/{}/output", r.body["id"].as_str().unwrap())))
+        .await;
+    let joined: String = live.body["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["stream"] == "stdout")
+        .map(|c| c["data"].as_str().unwrap())
+        .collect();
+    assert_eq!(joined, out, "live chunks add up to the stored stdout");
+
+    // Host backend refuses networkMode none with its code.
+    let r = org.post(&org.p("/tasks/run"), json!({"kind": "agent.execute", "shell": {"argv": ["true"]}, "sandbox": {"networkMode": "none"}})).await;
+    assert_eq!(
+        r.body["errorCode"], "HOST_NETWORK_MODE_UNSUPPORTED",
+        "{r:?}"
+    );
+
+    // The pairing token was single use.
+    let home2 = tempfile::tempdir().unwrap();
+    let token = org.pairing_token().await;
+    let pair = http()
+        .post(format!("{}/v1/agents/pair", org.url))
+        .json(&json!({"pairingToken": token}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pair.status(), 201);
+    let again = http()
+        .post(format!("{}/v1/agents/pair", org.url))
+        .json(&json!({"pairingToken": token}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 401);
+    assert_eq!(
+        again.json::<serde_json::Value>().await.unwrap()["code"],
+        "PAIRING_TOKEN_USED"
+    );
+    drop(home2);
+
+    // Revoke: the live connection closes within a second and the agent exits with an error.
+    let t0 = Instant::now();
+    let rv = org
+        .post(&org.p(&format!("/agents/{}/revoke", agent.id)), json!({}))
+        .await;
+    assert_eq!(
+        (rv.status, rv.body["status"].as_str()),
+        (200, Some("revoked"))
+    );
+    let status = agent.wait_exit(Duration::from_secs(5)).await;
+    let elapsed = t0.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(1),
+        "revocation closed the connection after {elapsed:?}"
+    );
+    assert!(!status.success());
+    assert!(
+        agent.log_text().contains("AGENT_REVOKED"),
+        "{}",
+        agent.log_text()
+    );
+    // Reconnecting with the stored (revoked) token is refused.
+    agent.reconnect(&org, &[]);
+    let status = agent.wait_exit(Duration::from_secs(10)).await;
+    assert!(!status.success());
+    // No secret reached the logs.
+    let logs = gw.log_text() + &agent.log_text();
+    assert!(!logs.contains(&org.token), "owner token leaked into logs");
+    assert!(
+        !logs.contains(stored["agentToken"].as_str().unwrap()),
+        "agent token leaked into logs"
+    );
+    assert!(
+        !logs.contains(SERVICE_TOKEN),
+        "service token leaked into logs"
+    );
+}
+
+async fn routing_uses_control_plane_tags_only(db: Db) {
+    let Some((_gw, org, _d)) = setup(db, &[]).await else {
+        return;
+    };
+    // The agent *reports* gpu, but has no control-plane tag.
+    let a = AgentProc::pair(&org, &["--tags", "gpu"], &[]).await;
+    let b = AgentProc::pair(&org, &[], &[]).await;
+    let gpu = |s: &str| json!({"kind": "agent.execute", "selector": {"tag": "gpu"}, "shell": {"script": s}});
+    let r = org.post(&org.p("/tasks/run"), gpu("true")).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (503, "NO_AGENT_AVAILABLE"),
+        "reported tags never route"
+    );
+    let r = org
+        .post(&org.p("/tasks?requireAgent=true"), gpu("true"))
+        .await;
+    assert_eq!((r.status, r.code()), (503, "NO_AGENT_AVAILABLE"));
+    // A queued task waits for an eligible agent.
+    let queued = org.submit(gpu("echo on-gpu")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(org.task(&queued).await["state"], "queued");
+    // Control-plane tags make B eligible; the queued task goes there.
+    let t = org
+        .call(
+            Method::PUT,
+            &org.p(&format!("/agents/{}/tags", b.id)),
+            Some(json!({"tags": ["gpu", "group:beta"]})),
+        )
+        .await;
+    assert_eq!(t.status, 200, "{t:?}");
+    let done = org.wait_done(&queued, Duration::from_secs(10)).await;
+    assert_eq!(
+        (done["state"].as_str(), done["agentId"].as_str()),
+        (Some("succeeded"), Some(b.id.as_str()))
+    );
+    for _ in 0..4 {
+        let r = org.post(&org.p("/tasks/run"), json!({"kind": "agent.execute", "selector": {"group": "beta"}, "shell": {"argv": ["true"]}})).await;
+        assert_eq!(
+            (r.status, r.body["agentId"].as_str()),
+            (200, Some(b.id.as_str()))
+        );
+    }
+    // Unknown backend: no agent offers it.
+    let r = org.post(&org.p("/tasks/run"), json!({"kind": "agent.execute", "sandbox": {"backend": "vm"}, "shell": {"argv": ["true"]}})).await;
+    assert_eq!(r.code(), "NO_AGENT_AVAILABLE");
+    // Queue deadline.
+    let id = org.submit(json!({"kind": "agent.execute", "selector": {"tag": "nobody"}, "shell": {"argv": ["true"]}, "queueTimeoutMs": 300})).await;
+    let t = org.wait_done(&id, Duration::from_secs(10)).await;
+    assert_eq!(
+        (t["state"].as_str(), t["errorCode"].as_str()),
+        (Some("failed"), Some("QUEUE_TIMEOUT"))
+    );
+    drop(a);
+}
+
+async fn max_in_flight_and_org_quota_queue_work(db: Db) {
+    let Some((_gw, org, _d)) = setup(db, &[("GATEWAY_ORG_MAX_INFLIGHT", "2")]).await else {
+        return;
+    };
+    let _a = AgentProc::pair(&org, &[], &[("PADDOCK_AGENT_MAX_IN_FLIGHT", "1")]).await;
+    let _b = AgentProc::pair(&org, &[], &[("PADDOCK_AGENT_MAX_IN_FLIGHT", "5")]).await;
+    let _c = AgentProc::pair(&org, &[], &[]).await;
+    // Each task records its start and end; at most 2 may overlap (org cap), none is dropped.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("spans");
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let script = format!(
+            "echo start {i} $(date +%s%N) >> {0}; sleep 0.3; echo end {i} $(date +%s%N) >> {0}",
+            log.display()
+        );
+        ids.push(org.submit(sh(&script)).await);
+    }
+    for id in &ids {
+        assert_eq!(
+            org.wait_done(id, Duration::from_secs(30)).await["state"],
+            "succeeded"
+        );
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut events: Vec<(u128, i32)> = text
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f[2].parse().unwrap(), if f[0] == "start" { 1 } else { -1 })
+        })
+        .collect();
+    events.sort();
+    let (mut cur, mut peak) = (0, 0);
+    for (_, d) in events {
+        cur += d;
+        peak = peak.max(cur);
+    }
+    assert_eq!(
+        peak, 2,
+        "GATEWAY_ORG_MAX_INFLIGHT=2 must cap concurrency at exactly 2 with 3 idle agents"
+    );
+}
+
+async fn agent_killed_mid_task_is_redispatched_once(db: Db) {
+    let Some((_gw, org, _d)) = setup(db, &[]).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("runs");
+    let mut a = AgentProc::pair(&org, &[], &[]).await;
+    let id = org
+        .submit(sh(&format!(
+            "echo run >> {}; sleep 1; echo done",
+            marker.display()
+        )))
+        .await;
+    org.wait_task(&id, Duration::from_secs(10), |t| t["state"] == "running")
+        .await;
+    a.kill().await;
+    // A second agent appears; after the lease expires the task runs there as attempt 2.
+    let b = AgentProc::pair(&org, &[], &[]).await;
+    let t = org.wait_done(&id, Duration::from_secs(20)).await;
+    assert_eq!(t["state"], "succeeded", "{t}");
+    assert_eq!(t["attempt"], 2);
+    assert_eq!(t["agentId"].as_str(), Some(b.id.as_str()));
+    assert_eq!(t["result"]["stdout"], "done\n");
+    let events = org.get(&org.p(&format!("/tasks/{id}/events"))).await.body;
+    let names: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["dispatched", "requeued", "dispatched"],
+        "{events}"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let runs = std::fs::read_to_string(&marker).unwrap();
+    assert_eq!(
+        runs.lines().count(),
+        2,
+        "attempt 1 (killed) and attempt 2, nothing more"
+    );
+    assert_eq!(org.task(&id).await["attempt"], 2, "never completed twice");
+}
+
+async fn agent_lost_without_attempts_left_fails_agent_lost(db: Db) {
+    let Some((_gw, org, _d)) = setup(db, &[("GATEWAY_MAX_ATTEMPTS", "1")]).await else {
+        return;
+    };
+    let mut a = AgentProc::pair(&org, &[], &[]).await;
+    let id = org.submit(sh("sleep 3")).await;
+    org.wait_task(&id, Duration::from_secs(10), |t| t["state"] == "running")
+        .await;
+    a.kill().await;
+    let t = org.wait_done(&id, Duration::from_secs(15)).await;
+    assert_eq!(
+        (t["state"].as_str(), t["errorCode"].as_str()),
+        (Some("failed"), Some("AGENT_LOST")),
+        "{t}"
+    );
+}
+
+async fn gateway_restart_mid_task_keeps_the_result(db: Db) {
+    let Some((mut gw, org, _d)) = setup(db, &[("GATEWAY_LEASE_MS", "10000")]).await else {
+        return;
+    };
+    let _a = AgentProc::pair(&org, &[], &[]).await;
+    let id = org.submit(sh("sleep 1.5; echo survived")).await;
+    org.wait_task(&id, Duration::from_secs(10), |t| t["state"] == "running")
+        .await;
+    gw.kill().await; // crash, not a graceful stop
+    tokio::time::sleep(Duration::from_millis(2000)).await; // the task finishes while the gateway is down
+    gw.restart().await;
+    let t = org.wait_done(&id, Duration::from_secs(20)).await;
+    assert_eq!(t["state"], "succeeded", "{t}");
+    assert_eq!(t["attempt"], 1, "resumed, not re-run");
+    assert_eq!(t["result"]["stdout"], "survived\n");
+}
+
+async fn cross_org_access_is_denied_everywhere(db: Db) {
+    let Some((gw, org, _d)) = setup(db, &[]).await else {
+        return;
+    };
+    let other = gw.create_org("other").await;
+    let agent = AgentProc::pair(&org, &[], &[]).await;
+    let task = org.post(&org.p("/tasks/run"), sh("echo mine")).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let paths: Vec<(Method, String)> = vec![
+        (Method::GET, format!("/v1/orgs/{}", org.id)),
+        (Method::POST, format!("/v1/orgs/{}/tokens", org.id)),
+        (
+            Method::POST,
+            format!("/v1/orgs/{}/agents/pairing-tokens", org.id),
+        ),
+        (Method::GET, format!("/v1/orgs/{}/agents", org.id)),
+        (
+            Method::GET,
+            format!("/v1/orgs/{}/agents/{}", org.id, agent.id),
+        ),
+        (
+            Method::PUT,
+            format!("/v1/orgs/{}/agents/{}/tags", org.id, agent.id),
+        ),
+        (
+            Method::POST,
+            format!("/v1/orgs/{}/agents/{}/revoke", org.id, agent.id),
+        ),
+        (Method::POST, format!("/v1/orgs/{}/tasks", org.id)),
+        (Method::POST, format!("/v1/orgs/{}/tasks/run", org.id)),
+        (Method::GET, format!("/v1/orgs/{}/tasks", org.id)),
+        (Method::GET, format!("/v1/orgs/{}/tasks/{task}", org.id)),
+        (
+            Method::GET,
+            format!("/v1/orgs/{}/tasks/{task}/output", org.id),
+        ),
+        (
+            Method::GET,
+            format!("/v1/orgs/{}/tasks/{task}/events", org.id),
+        ),
+        (
+            Method::GET,
+            format!("/v1/orgs/{}/tasks/{task}/stream", org.id),
+        ),
+        (
+            Method::POST,
+            format!("/v1/orgs/{}/tasks/{task}/cancel", org.id),
+        ),
+    ];
+    let body = || {
+        Some(
+            json!({"kind": "agent.execute", "shell": {"argv": ["true"]}, "tags": [], "name": "x", "role": "member"}),
+        )
+    };
+    for (m, p) in &paths {
+        // Other org's token, naming the victim org in the header.
+        let a = other
+            .call_as(&other.token, &org.id, m.clone(), p, body())
+            .await;
+        assert_eq!(
+            (a.status, a.code()),
+            (403, "ORG_MISMATCH"),
+            "{m} {p}: {a:?}"
+        );
+        // Other org's token and header, victim org in the path.
+        let a = other
+            .call_as(&other.token, &other.id, m.clone(), p, body())
+            .await;
+        assert_eq!(
+            (a.status, a.code()),
+            (403, "ORG_MISMATCH"),
+            "{m} {p}: {a:?}"
+        );
+        // No token, bad token, missing X-Org-Id.
+        let a = http()
+            .request(m.clone(), format!("{}{p}", org.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(a.status(), 401, "{m} {p}");
+        let a = other
+            .call_as("pdk_bogus", &org.id, m.clone(), p, body())
+            .await;
+        assert_eq!((a.status, a.code()), (401, "UNAUTHORIZED"), "{m} {p}");
+        let a = http()
+            .request(m.clone(), format!("{}{p}", org.url))
+            .bearer_auth(&org.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(a.status(), 400, "{m} {p}: X-Org-Id is required");
+    }
+    // Resources of one org are invisible through another org's own paths.
+    let a = other.get(&other.p(&format!("/tasks/{task}"))).await;
+    assert_eq!((a.status, a.code()), (404, "NOT_FOUND"));
+    let a = other.get(&other.p(&format!("/agents/{}", agent.id))).await;
+    assert_eq!(a.status, 404);
+    let a = other
+        .post(&other.p(&format!("/agents/{}/revoke", agent.id)), json!({}))
+        .await;
+    assert_eq!(a.status, 404);
+    let listed = other.get(&other.p("/agents")).await;
+    assert_eq!(listed.body["agents"], json!([]));
+    // Other org's tasks never reach this org's agent.
+    let r = other.post(&other.p("/tasks/run"), sh("true")).await;
+    assert_eq!(r.code(), "NO_AGENT_AVAILABLE");
+    // Internal endpoints want the service token.
+    for p in [
+        "/internal/v1/dispatch",
+        "/internal/v1/managed-executors/issue",
+        "/v1/orgs",
+    ] {
+        let a = org.call(Method::POST, p, Some(json!({"name": "x"}))).await;
+        assert_eq!(a.status, 401, "{p}: {a:?}");
+    }
+    assert_eq!(
+        org.agent(&agent.id).await["status"],
+        "online",
+        "nothing above touched the agent"
+    );
+}
+
+async fn results_are_deleted_after_ttl(db: Db) {
+    let Some((_gw, org, _d)) = setup(db, &[("GATEWAY_RESULTS_TTL_SEC", "1")]).await else {
+        return;
+    };
+    let _a = AgentProc::pair(&org, &[], &[]).await;
+    let r = org.post(&org.p("/tasks/run"), sh("echo short-lived")).await;
+    let id = r.body["id"].as_str().unwrap().to_string();
+    assert_eq!(org.get(&org.p(&format!("/tasks/{id}"))).await.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let a = org.get(&org.p(&format!("/tasks/{id}"))).await;
+        if a.status == 404 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "result still there after its TTL"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn cancel_running_task_kills_it(db: Db) {
+    let Some((_gw, org, _d)) = setup(db, &[]).await else {
+        return;
+    };
+    let _a = AgentProc::pair(&org, &[], &[]).await;
+    let id = org.submit(sh("sleep 30")).await;
+    org.wait_task(&id, Duration::from_secs(10), |t| t["state"] == "running")
+        .await;
+    let t0 = Instant::now();
+    let c = org
+        .post(&org.p(&format!("/tasks/{id}/cancel")), json!({}))
+        .await;
+    assert_eq!(c.status, 202, "{c:?}");
+    let t = org.wait_done(&id, Duration::from_secs(10)).await;
+    assert_eq!(
+        (t["state"].as_str(), t["errorCode"].as_str()),
+        (Some("canceled"), Some("TASK_CANCELED"))
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    let again = org
+        .post(&org.p(&format!("/tasks/{id}/cancel")), json!({}))
+        .await;
+    assert_eq!(again.status, 409);
+    // A queued task is canceled at once.
+    let q = org.submit(json!({"kind": "agent.execute", "selector": {"tag": "none"}, "shell": {"argv": ["true"]}})).await;
+    let c = org
+        .post(&org.p(&format!("/tasks/{q}/cancel")), json!({}))
+        .await;
+    assert_eq!(
+        (c.status, c.body["state"].as_str()),
+        (200, Some("canceled"))
+    );
+}
