@@ -1,6 +1,6 @@
 //! End-to-end harness: runs the real `paddock` binary as gateway and agent processes and
 //! drives them over HTTP. Each test gets fresh databases, homes and ports.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
