@@ -1,4 +1,5 @@
 //! End-to-end: the real binary as gateway and agents, on SQLite and on PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
