@@ -120,7 +120,8 @@ impl GatewayArgs {
                     .to_string(),
             ),
             (None, None) => None,
-        };
+        }
+        .filter(|t| !t.is_empty());
         if cfg.service_token.as_deref().is_some_and(|t| t.len() < 16) {
             anyhow::bail!("GATEWAY_SERVICE_TOKEN must be at least 16 characters");
         }

@@ -1,0 +1,143 @@
+//! Two gateway replicas sharing one PostgreSQL: the agent is connected to replica A, the
+//! submitter talks to replica B. PostgreSQL only (SQLite is the single-process default).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_submitted_to_b_runs_on_agent_connected_to_a() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(url) = fresh_db(Db::Postgres, dir.path()).await else {
+        return;
+    };
+    // Slow periodic sweeps (5 s) so that the prompt delivery below can only come from NOTIFY.
+    let slow = [("GATEWAY_TICK_MS", "5000")];
+    let a = GatewayProc::start(&url, &slow).await;
+    let b = GatewayProc::start(&url, &slow).await;
+    let org_a = a.create_org("acme").await;
+    let org_b = Org {
+        url: b.url.clone(),
+        ..org_a.clone()
+    };
+    let agent = AgentProc::pair(&org_a, &[], &[]).await;
+    assert_eq!(
+        org_b.agent(&agent.id).await["connectedReplica"],
+        a.replica.as_str()
+    );
+
+    // Submit-and-wait on B: B sees the live agent in the database, A dispatches it.
+    let t0 = Instant::now();
+    let r = org_b.post(&org_b.p("/tasks/run"), sh("echo via-a")).await;
+    let elapsed = t0.elapsed();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        (r.body["state"].as_str(), r.body["agentId"].as_str()),
+        (Some("succeeded"), Some(agent.id.as_str()))
+    );
+    assert_eq!(r.body["result"]["stdout"], "via-a\n");
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "NOTIFY should wake replica A at once, took {elapsed:?}"
+    );
+
+    // Queued submissions on B, streamed on B.
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(org_b.submit(sh(&format!("echo {i}"))).await);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let t = org_b.wait_done(id, Duration::from_secs(10)).await;
+        assert_eq!(t["result"]["stdout"], format!("{i}\n"));
+    }
+    // Tags set on B reach the connection on A.
+    let t = org_b
+        .call(
+            reqwest::Method::PUT,
+            &org_b.p(&format!("/agents/{}/tags", agent.id)),
+            Some(json!({"tags": ["gpu"]})),
+        )
+        .await;
+    assert_eq!(t.status, 200);
+    let r = org_b.post(&org_b.p("/tasks/run"), json!({"kind": "agent.execute", "selector": {"tag": "gpu"}, "shell": {"argv": ["true"]}})).await;
+    assert_eq!(r.body["state"], "succeeded", "{r:?}");
+
+    // Revocation on B closes the connection held by A within a second.
+    let mut agent = agent;
+    let t0 = Instant::now();
+    let rv = org_b
+        .post(&org_b.p(&format!("/agents/{}/revoke", agent.id)), json!({}))
+        .await;
+    assert_eq!(rv.status, 200);
+    let status = agent.wait_exit(Duration::from_secs(5)).await;
+    assert!(!status.success());
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "cross-replica revocation took {:?}",
+        t0.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_never_dispatch_one_attempt_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(url) = fresh_db(Db::Postgres, dir.path()).await else {
+        return;
+    };
+    let a = GatewayProc::start(&url, &[]).await;
+    let b = GatewayProc::start(&url, &[]).await;
+    let org_a = a.create_org("acme").await;
+    let org_b = Org {
+        url: b.url.clone(),
+        ..org_a.clone()
+    };
+    let _x = AgentProc::pair(&org_a, &[], &[]).await;
+    let _y = AgentProc::pair(&org_b, &[], &[]).await;
+    let log = dir.path().join("runs");
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let org = if i % 2 == 0 { &org_a } else { &org_b };
+        ids.push(
+            org.submit(sh(&format!(
+                "echo {i} $PADDOCK_TASK_ATTEMPT >> {}",
+                log.display()
+            )))
+            .await,
+        );
+    }
+    for id in &ids {
+        let t = org_a.wait_done(id, Duration::from_secs(20)).await;
+        assert_eq!(
+            (t["state"].as_str(), t["attempt"].as_u64()),
+            (Some("succeeded"), Some(1))
+        );
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.sort();
+    lines.dedup();
+    assert_eq!(text.lines().count(), 40, "each task ran exactly once");
+    assert_eq!(lines.len(), 40);
+    // Both replicas dispatched work (both agents were used).
+    let agents: std::collections::HashSet<String> = {
+        let mut s = std::collections::HashSet::new();
+        for id in &ids {
+            s.insert(
+                org_a.task(id).await["agentId"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        s
+    };
+    assert_eq!(
+        agents.len(),
+        2,
+        "work spread over the agents of both replicas"
+    );
+}
