@@ -346,68 +346,18 @@ impl Store {
         if req.limit == 0 || req.kinds.is_empty() {
             return Ok(Vec::new());
         }
-        let mut tx = self.pool.begin().await?;
-        let mut limit = i64::from(req.limit);
-        if let Some(max) = req.org_max_inflight {
-            if self.dialect == Dialect::Postgres {
-                sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-                    .bind(req.org_id)
-                    .execute(&mut *tx)
-                    .await?;
+        let rows = match self.dialect {
+            Dialect::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                let rows = claim_rows(&mut tx, self.dialect, req).await?;
+                tx.commit().await?;
+                rows
             }
-            let inflight: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM tasks WHERE org_id = $1 AND state IN ('dispatched', 'running')",
-            )
-            .bind(req.org_id)
-            .fetch_one(&mut *tx)
-            .await?;
-            limit = limit.min(i64::from(max) - inflight);
-            if limit <= 0 {
-                tx.rollback().await?;
-                return Ok(Vec::new());
+            Dialect::Sqlite => {
+                let mut conn = self.pool.acquire().await?;
+                claim_rows(&mut conn, self.dialect, req).await?
             }
-        }
-        // The pick is a materialised CTE: as a plain `IN (SELECT .. LIMIT)` PostgreSQL may
-        // evaluate the subquery more than once and claim past the limit.
-        // $1 agent, $2 lease, $3 now, $4 org, $5 limit, then kinds, tags, backends.
-        let mut next = 6;
-        let kinds = placeholders(next, req.kinds.len());
-        next += req.kinds.len();
-        let tag_clause = if req.tags.is_empty() {
-            "required_tag IS NULL".to_string()
-        } else {
-            let p = placeholders(next, req.tags.len());
-            next += req.tags.len();
-            format!("(required_tag IS NULL OR required_tag IN ({p}))")
         };
-        let backend_clause = if req.backends.is_empty() {
-            "backend IS NULL".to_string()
-        } else {
-            let p = placeholders(next, req.backends.len());
-            format!("(backend IS NULL OR backend IN ({p}))")
-        };
-        let lock = match self.dialect {
-            Dialect::Postgres => "FOR UPDATE SKIP LOCKED",
-            Dialect::Sqlite => "",
-        };
-        let sql = format!(
-            "WITH picked AS MATERIALIZED (SELECT id FROM tasks WHERE org_id = $4 AND state = 'queued' AND cancel_requested = 0 AND queue_deadline_at > $3 \
-             AND kind IN ({kinds}) AND {tag_clause} AND {backend_clause} ORDER BY created_at, id LIMIT $5 {lock}) \
-             UPDATE tasks SET state = 'dispatched', agent_id = $1, attempt = attempt + 1, lease_expires_at = $2, dispatched_at = $3, started_at = NULL, updated_at = $3 \
-             WHERE state = 'queued' AND id IN (SELECT id FROM picked) \
-             RETURNING id, attempt, spec, created_at"
-        );
-        let mut q = sqlx::query(&sql)
-            .bind(req.agent_id)
-            .bind(req.lease_until)
-            .bind(req.now)
-            .bind(req.org_id)
-            .bind(limit);
-        for v in req.kinds.iter().chain(req.tags).chain(req.backends) {
-            q = q.bind(v);
-        }
-        let rows = q.fetch_all(&mut *tx).await?;
-        tx.commit().await?;
         let mut claimed = rows
             .iter()
             .map(|r| {
@@ -837,4 +787,74 @@ impl Store {
                 .await?,
         )
     }
+}
+
+/// The claim itself, on one connection: inside a transaction on PostgreSQL (the advisory
+/// lock and the row locks live until commit); on SQLite a plain connection, because a
+/// deferred transaction that reads then writes fails at once with `SQLITE_BUSY` when another
+/// connection wrote in between, and the one dispatcher per process already serialises claims.
+async fn claim_rows(
+    conn: &mut sqlx::AnyConnection,
+    dialect: Dialect,
+    req: &ClaimRequest<'_>,
+) -> Result<Vec<AnyRow>> {
+    let mut limit = i64::from(req.limit);
+    if let Some(max) = req.org_max_inflight {
+        if dialect == Dialect::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+                .bind(req.org_id)
+                .execute(&mut *conn)
+                .await?;
+        }
+        let inflight: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM tasks WHERE org_id = $1 AND state IN ('dispatched', 'running')",
+        )
+        .bind(req.org_id)
+        .fetch_one(&mut *conn)
+        .await?;
+        limit = limit.min(i64::from(max) - inflight);
+        if limit <= 0 {
+            return Ok(Vec::new());
+        }
+    }
+    // The pick is a materialised CTE: as a plain `IN (SELECT .. LIMIT)` PostgreSQL may
+    // evaluate the subquery more than once and claim past the limit.
+    // $1 agent, $2 lease, $3 now, $4 org, $5 limit, then kinds, tags, backends.
+    let mut next = 6;
+    let kinds = placeholders(next, req.kinds.len());
+    next += req.kinds.len();
+    let tag_clause = if req.tags.is_empty() {
+        "required_tag IS NULL".to_string()
+    } else {
+        let p = placeholders(next, req.tags.len());
+        next += req.tags.len();
+        format!("(required_tag IS NULL OR required_tag IN ({p}))")
+    };
+    let backend_clause = if req.backends.is_empty() {
+        "backend IS NULL".to_string()
+    } else {
+        let p = placeholders(next, req.backends.len());
+        format!("(backend IS NULL OR backend IN ({p}))")
+    };
+    let lock = match dialect {
+        Dialect::Postgres => "FOR UPDATE SKIP LOCKED",
+        Dialect::Sqlite => "",
+    };
+    let sql = format!(
+        "WITH picked AS MATERIALIZED (SELECT id FROM tasks WHERE org_id = $4 AND state = 'queued' AND cancel_requested = 0 AND queue_deadline_at > $3 \
+             AND kind IN ({kinds}) AND {tag_clause} AND {backend_clause} ORDER BY created_at, id LIMIT $5 {lock}) \
+             UPDATE tasks SET state = 'dispatched', agent_id = $1, attempt = attempt + 1, lease_expires_at = $2, dispatched_at = $3, started_at = NULL, updated_at = $3 \
+             WHERE state = 'queued' AND id IN (SELECT id FROM picked) \
+             RETURNING id, attempt, spec, created_at"
+    );
+    let mut q = sqlx::query(&sql)
+        .bind(req.agent_id)
+        .bind(req.lease_until)
+        .bind(req.now)
+        .bind(req.org_id)
+        .bind(limit);
+    for v in req.kinds.iter().chain(req.tags).chain(req.backends) {
+        q = q.bind(v);
+    }
+    Ok(q.fetch_all(&mut *conn).await?)
 }
