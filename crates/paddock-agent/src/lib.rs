@@ -102,7 +102,7 @@ pub async fn run(
         }
         match connect(&creds.gateway_ws_url, &creds.agent_token, tls.clone()).await {
             Ok(ws) => {
-                backoff = Duration::from_millis(100);
+                let connected_at = tokio::time::Instant::now();
                 let (sink, stream) = ws.split();
                 let stream = stream.map(|m| match m {
                     Ok(Message::Text(t)) => Frame::Text(t.to_string()),
@@ -133,6 +133,11 @@ pub async fn run(
                     }
                     SessionEnd::Disconnected(why) => {
                         tracing::warn!("disconnected: {why}; reconnecting");
+                        // Only a session that lasted resets the backoff: two agents sharing
+                        // one credential replace each other, and must not do so 10 times a second.
+                        if connected_at.elapsed() > Duration::from_secs(10) {
+                            backoff = Duration::from_millis(100);
+                        }
                     }
                 }
             }

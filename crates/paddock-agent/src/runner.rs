@@ -41,6 +41,8 @@ pub struct Runner {
     settings: Arc<AgentSettings>,
     backends: BTreeMap<String, Arc<dyn Sandbox>>,
     slots: Mutex<HashMap<String, Slot>>,
+    /// When the shutdown grace ends (set once, kept across reconnects).
+    drain_until: Mutex<Option<tokio::time::Instant>>,
     /// Wakes the session when a log grows.
     pub changed: Arc<Notify>,
 }
@@ -64,6 +66,7 @@ impl Runner {
             settings: Arc::new(settings),
             backends,
             slots: Mutex::new(HashMap::new()),
+            drain_until: Mutex::new(None),
             changed: Arc::new(Notify::new()),
         })
     }
@@ -141,6 +144,53 @@ impl Runner {
         {
             s.cancel.cancel();
         }
+    }
+
+    /// The drain deadline, if shutdown has begun.
+    pub fn drain_deadline(&self) -> Option<tokio::time::Instant> {
+        *lock(&self.drain_until)
+    }
+
+    /// Starts draining (once): returns the deadline after which running tasks are handed back.
+    pub fn start_drain(&self, grace: std::time::Duration) -> tokio::time::Instant {
+        *lock(&self.drain_until).get_or_insert_with(|| tokio::time::Instant::now() + grace)
+    }
+
+    /// Refuses a dispatch that could not be decoded: reports an error result for it.
+    pub fn refuse(&self, task_id: String, attempt: u32, message: String) {
+        let now = now_ms();
+        let result = TaskResult {
+            task_id: task_id.clone(),
+            attempt,
+            status: ResultStatus::Error,
+            exit_code: None,
+            signal: None,
+            error_code: Some(ErrorCode::MalformedFrame),
+            error_message: Some(message),
+            stdout: String::new(),
+            stderr: String::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            started_at_ms: now,
+            finished_at_ms: now,
+        };
+        let mut slots = lock(&self.slots);
+        if slots.contains_key(&task_id) {
+            return;
+        }
+        slots.insert(
+            task_id,
+            Slot {
+                attempt,
+                cancel: CancellationToken::new(),
+                hand_back: false,
+                log: vec![AgentMessage::Result(result)],
+                sent: 0,
+                finished: true,
+            },
+        );
+        drop(slots);
+        self.changed.notify_one();
     }
 
     /// Stops every unfinished task and hands it back to the gateway (shutdown past grace).

@@ -78,7 +78,7 @@ where
     let silence_limit = heartbeat_interval * 4 + Duration::from_secs(5);
     let mut heartbeat = tokio::time::interval(heartbeat_interval);
     let mut last_heard = tokio::time::Instant::now();
-    let mut drain_deadline: Option<tokio::time::Instant> = None;
+    let mut drain_deadline = runner.drain_deadline();
     loop {
         // Send whatever is owed.
         for msg in runner.take_unsent() {
@@ -89,7 +89,7 @@ where
         if shutdown.is_cancelled() {
             if drain_deadline.is_none() {
                 tracing::info!(running = runner.len(), "draining: finishing running tasks");
-                drain_deadline = Some(tokio::time::Instant::now() + settings.shutdown_grace);
+                drain_deadline = Some(runner.start_drain(settings.shutdown_grace));
             }
             if runner.is_empty() {
                 let _ = sink.send(Frame::Close).await;
@@ -148,11 +148,33 @@ where
                             }
                         }
                     },
-                    Err(e) => tracing::warn!("ignoring undecodable frame from gateway: {e}"),
+                    Err(e) => {
+                        tracing::warn!("undecodable frame from gateway: {e}");
+                        // A dispatch we cannot read (a newer gateway?) is refused explicitly,
+                        // so the task fails with a reason instead of waiting for a lease.
+                        if let Some((task_id, attempt)) = undecodable_dispatch(&frame) {
+                            runner.refuse(task_id, attempt, format!("this agent cannot read the dispatch: {e}"));
+                        }
+                    }
                 }
             }
         }
     }
+}
+
+/// Task id and attempt of a `dispatch` frame that does not decode as a whole.
+fn undecodable_dispatch(frame: &Frame) -> Option<(String, u32)> {
+    let Frame::Text(text) = frame else {
+        return None;
+    };
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    if v["type"] != "dispatch" {
+        return None;
+    }
+    Some((
+        v["taskId"].as_str()?.to_string(),
+        u32::try_from(v["attempt"].as_u64()?).ok()?,
+    ))
 }
 
 fn fatal_or_retry(code: ErrorCode, message: String) -> SessionEnd {

@@ -177,6 +177,18 @@ where
         return;
     }
     let lease_until = now + state.cfg.lease.as_millis() as i64;
+    let listed: Vec<String> = hello.running.iter().map(|r| r.task_id.clone()).collect();
+    match state
+        .store
+        .detach_unlisted_tasks(&agent.org_id, &agent.id, &listed)
+        .await
+    {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::warn!(agent = %agent.id, detached = n, "tasks the agent no longer knows will be re-queued")
+        }
+        Err(e) => tracing::warn!(agent = %agent.id, "could not reconcile tasks: {e}"),
+    }
     let mut cancel = Vec::new();
     for r in &hello.running {
         match state
@@ -402,14 +414,27 @@ async fn handle_message(
         }
         AgentMessage::Error(e) => {
             match (e.code, e.task_id.as_deref(), e.attempt) {
+                (_, Some(task), Some(_)) if !handle.owns(task) => {
+                    tracing::warn!(agent = %agent.id, task, "error about a task not held by this agent; ignored");
+                }
                 (
                     ErrorCode::AgentShuttingDown | ErrorCode::AgentBusy,
                     Some(task),
                     Some(attempt),
                 ) => {
+                    let requeue_deadline = now_ms() + state.cfg.queue_timeout.as_millis() as i64;
+                    // A busy refusal never started the attempt; a shutdown hand-back may have.
+                    let consume = e.code == ErrorCode::AgentShuttingDown;
                     let requeued = state
                         .store
-                        .hand_back_task(&agent.org_id, task, attempt, &agent.id)
+                        .hand_back_task(
+                            &agent.org_id,
+                            task,
+                            attempt,
+                            &agent.id,
+                            consume,
+                            requeue_deadline,
+                        )
                         .await
                         .map_err(db_down)?;
                     handle.remove_in_flight(task);

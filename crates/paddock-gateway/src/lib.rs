@@ -57,8 +57,21 @@ pub fn app(state: AppState) -> Router {
     if state.cfg.role.is_brain() {
         router = router.merge(api::internal_routes(&state));
     }
+    let role = state.cfg.role;
     router
-        .fallback(|| async { error::ApiError::not_found("route") })
+        .fallback(move |uri: axum::http::Uri| async move {
+            let path = uri.path();
+            let edge_path = path.starts_with("/v1/") || path.starts_with("/ws/");
+            let brain_path = path.starts_with("/internal/");
+            if (edge_path && !role.is_edge()) || (brain_path && !role.is_brain()) {
+                return error::ApiError::new(
+                    axum::http::StatusCode::MISDIRECTED_REQUEST,
+                    paddock_proto::ErrorCode::RoleNotServed,
+                    format!("this gateway runs the {role:?} role, which does not serve {path}"),
+                );
+            }
+            error::ApiError::not_found("route")
+        })
         .with_state(state)
 }
 

@@ -85,10 +85,6 @@ error_codes! {
     ProtocolVersionUnsupported => "PROTOCOL_VERSION_UNSUPPORTED",
     /// A message arrived that is not valid in the current session state.
     ProtocolViolation => "PROTOCOL_VIOLATION",
-    /// The result was for an attempt that is no longer current; it was ignored.
-    StaleAttempt => "STALE_ATTEMPT",
-    /// The task's org reached `GATEWAY_ORG_MAX_INFLIGHT`; the task waits queued.
-    OrgQuotaExceeded => "ORG_QUOTA_EXCEEDED",
     /// The agent is shutting down and handed the task back.
     AgentShuttingDown => "AGENT_SHUTTING_DOWN",
     /// The gateway is not configured for this request (missing service token, ...).

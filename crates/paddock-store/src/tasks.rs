@@ -391,8 +391,10 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// An agent hands a task back (it is shutting down): the attempt ends without a result
-    /// and the task returns to the queue for another agent. Returns whether it was requeued.
+    /// An agent hands a task back without a result: it is shutting down (`consume_attempt`:
+    /// the attempt may have started and counts) or it refused the dispatch as busy (the
+    /// attempt never started and is given back). The task returns to the queue, its queue
+    /// deadline pushed to at least `requeue_deadline`. Returns whether it was re-queued.
     ///
     /// # Errors
     /// Database failure.
@@ -402,12 +404,18 @@ impl Store {
         task_id: &str,
         attempt: u32,
         agent_id: &str,
+        consume_attempt: bool,
+        requeue_deadline: i64,
     ) -> Result<bool> {
         let done = sqlx::query(
-            "UPDATE tasks SET state = 'queued', agent_id = NULL, lease_expires_at = NULL, updated_at = $1 \
-             WHERE id = $2 AND org_id = $3 AND attempt = $4 AND agent_id = $5 AND state IN ('dispatched', 'running') AND cancel_requested = 0",
+            "UPDATE tasks SET state = 'queued', agent_id = NULL, lease_expires_at = NULL, updated_at = $1, \
+             attempt = CASE WHEN $2 = 1 THEN attempt ELSE attempt - 1 END, \
+             queue_deadline_at = CASE WHEN queue_deadline_at < $3 THEN $3 ELSE queue_deadline_at END \
+             WHERE id = $4 AND org_id = $5 AND attempt = $6 AND agent_id = $7 AND state IN ('dispatched', 'running') AND cancel_requested = 0",
         )
         .bind(paddock_proto::now_ms())
+        .bind(i64::from(consume_attempt))
+        .bind(requeue_deadline)
         .bind(task_id)
         .bind(org_id)
         .bind(i64::from(attempt))
@@ -415,6 +423,37 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// After an agent reconnects: tasks the store says it holds but that it did not list in
+    /// `hello` (a `dispatch` or hand-back lost with the old connection) are detached from it
+    /// and their lease expired, so the reaper re-queues or fails them like any lost attempt.
+    /// Returns how many were detached.
+    ///
+    /// # Errors
+    /// Database failure.
+    pub async fn detach_unlisted_tasks(
+        &self,
+        org_id: &str,
+        agent_id: &str,
+        listed: &[String],
+    ) -> Result<u64> {
+        let not_in = if listed.is_empty() {
+            String::new()
+        } else {
+            format!(" AND id NOT IN ({})", placeholders(4, listed.len()))
+        };
+        let sql = format!(
+            "UPDATE tasks SET agent_id = NULL, lease_expires_at = 0, updated_at = $1 WHERE org_id = $2 AND agent_id = $3 AND state IN ('dispatched', 'running'){not_in}"
+        );
+        let mut q = sqlx::query(&sql)
+            .bind(paddock_proto::now_ms())
+            .bind(org_id)
+            .bind(agent_id);
+        for id in listed {
+            q = q.bind(id);
+        }
+        Ok(q.execute(&self.pool).await?.rows_affected())
     }
 
     /// Marks the current attempt as started by its agent (`accepted`).
@@ -456,7 +495,7 @@ impl Store {
     ) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE tasks SET agent_id = $1, lease_expires_at = $2, state = CASE WHEN state = 'queued' THEN 'running' ELSE state END, updated_at = $3 \
-             WHERE id = $4 AND org_id = $5 AND attempt = $6 AND state IN ('queued', 'dispatched', 'running') AND cancel_requested = 0",
+             WHERE id = $4 AND org_id = $5 AND attempt = $6 AND state IN ('queued', 'dispatched', 'running') AND cancel_requested = 0 AND (agent_id = $1 OR agent_id IS NULL)",
         )
         .bind(agent_id)
         .bind(lease_until)
@@ -563,12 +602,16 @@ impl Store {
         requeue_deadline: i64,
     ) -> Result<(Vec<ReapedTask>, Vec<ReapedTask>)> {
         let failed = sqlx::query(
-            "UPDATE tasks SET state = 'failed', error_code = $1, error_message = 'the agent running this task was lost and no attempts remain', finished_at = $2, updated_at = $2, expires_at = $3, lease_expires_at = NULL \
+            "UPDATE tasks SET state = CASE WHEN cancel_requested = 1 THEN 'canceled' ELSE 'failed' END, \
+             error_code = CASE WHEN cancel_requested = 1 THEN $4 ELSE $1 END, \
+             error_message = CASE WHEN cancel_requested = 1 THEN 'canceled; the agent was lost before it confirmed' ELSE 'the agent running this task was lost and no attempts remain' END, \
+             finished_at = $2, updated_at = $2, expires_at = $3, lease_expires_at = NULL \
              WHERE state IN ('dispatched', 'running') AND lease_expires_at < $2 AND (attempt >= max_attempts OR cancel_requested = 1) RETURNING id, org_id",
         )
         .bind(ErrorCode::AgentLost.as_str())
         .bind(now)
         .bind(now + ttl_ms)
+        .bind(ErrorCode::TaskCanceled.as_str())
         .fetch_all(&self.pool)
         .await?;
         let requeued = sqlx::query(

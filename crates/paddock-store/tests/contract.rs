@@ -43,6 +43,8 @@ contract!(
     concurrent_claims_never_double_dispatch,
     reconnect_rebinds_running_tasks,
     migrations_are_idempotent,
+    reconnect_detaches_unlisted_tasks,
+    hand_backs_requeue_with_or_without_the_attempt,
 );
 
 fn shell(argv: &[&str]) -> TaskSpec {
@@ -914,4 +916,143 @@ async fn migrations_are_idempotent(store: Store) {
     let org = store.create_org("acme").await.unwrap();
     store.migrate_again_for_tests().await.unwrap();
     assert!(store.get_org(&org.id).await.unwrap().is_some());
+}
+
+async fn reconnect_detaches_unlisted_tasks(store: Store) {
+    let org = store.create_org("acme").await.unwrap();
+    let kept = store
+        .insert_task(&new_task(&org.id, shell(&["a"])))
+        .await
+        .unwrap();
+    let lost = store
+        .insert_task(&new_task(&org.id, shell(&["b"])))
+        .await
+        .unwrap();
+    let a = AgentView::plain();
+    assert_eq!(
+        store
+            .claim_tasks(&a.req(&org.id, "a1", 2))
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    // The agent reconnects listing only `kept`: `lost` (its dispatch never arrived) is detached.
+    let n = store
+        .detach_unlisted_tasks(&org.id, "a1", std::slice::from_ref(&kept))
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    // Presence no longer renews it...
+    store
+        .touch_agents(
+            &["a1".to_string()],
+            paddock_proto::now_ms(),
+            paddock_proto::now_ms() + 60_000,
+        )
+        .await
+        .unwrap();
+    // ...so the reaper re-queues it at once, while `kept` keeps its lease.
+    let (failed, requeued) = store
+        .expire_leases(paddock_proto::now_ms(), 60_000, 0)
+        .await
+        .unwrap();
+    assert!(failed.is_empty());
+    assert_eq!(
+        requeued.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        vec![lost.as_str()]
+    );
+    assert_eq!(
+        store.get_task(&org.id, &kept).await.unwrap().unwrap().state,
+        TaskState::Dispatched
+    );
+    // Listing nothing detaches everything the agent held.
+    assert_eq!(
+        store
+            .detach_unlisted_tasks(&org.id, "a1", &[])
+            .await
+            .unwrap(),
+        1
+    );
+    // Another agent of the org cannot take over a task by listing it.
+    store
+        .insert_task(&new_task(&org.id, shell(&["c"])))
+        .await
+        .unwrap();
+    let t = store
+        .claim_tasks(&a.req(&org.id, "a2", 1))
+        .await
+        .unwrap()
+        .remove(0);
+    let far = paddock_proto::now_ms() + 60_000;
+    assert!(
+        !store
+            .rebind_task(&org.id, &t.id, t.attempt, "intruder", far)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .rebind_task(&org.id, &t.id, t.attempt, "a2", far)
+            .await
+            .unwrap()
+    );
+}
+
+async fn hand_backs_requeue_with_or_without_the_attempt(store: Store) {
+    let org = store.create_org("acme").await.unwrap();
+    let id = store
+        .insert_task(&new_task(&org.id, shell(&["a"])))
+        .await
+        .unwrap();
+    let a = AgentView::plain();
+    let far = paddock_proto::now_ms() + 3_600_000;
+    store.claim_tasks(&a.req(&org.id, "a1", 1)).await.unwrap();
+    assert!(
+        !store
+            .hand_back_task(&org.id, &id, 1, "other", false, far)
+            .await
+            .unwrap(),
+        "only the holder hands back"
+    );
+    // Busy refusal: the attempt never started and is given back.
+    assert!(
+        store
+            .hand_back_task(&org.id, &id, 1, "a1", false, far)
+            .await
+            .unwrap()
+    );
+    let row = store.get_task(&org.id, &id).await.unwrap().unwrap();
+    assert_eq!((row.state, row.attempt), (TaskState::Queued, 0));
+    // Shutdown hand-back: the attempt counts, the queue deadline is pushed out.
+    store.claim_tasks(&a.req(&org.id, "a1", 1)).await.unwrap();
+    assert!(
+        store
+            .hand_back_task(&org.id, &id, 1, "a1", true, far)
+            .await
+            .unwrap()
+    );
+    let row = store.get_task(&org.id, &id).await.unwrap().unwrap();
+    assert_eq!((row.state, row.attempt), (TaskState::Queued, 1));
+    assert!(
+        store
+            .expire_queued(far - 1_000, 60_000)
+            .await
+            .unwrap()
+            .is_empty(),
+        "deadline extended"
+    );
+    // A canceled task whose agent is lost ends canceled, not failed.
+    let c = store
+        .claim_tasks(&a.req(&org.id, "a1", 1))
+        .await
+        .unwrap()
+        .remove(0);
+    store.cancel_task(&org.id, &c.id, 60_000).await.unwrap();
+    store.expire_leases(far + 1, 60_000, 0).await.unwrap();
+    let row = store.get_task(&org.id, &id).await.unwrap().unwrap();
+    assert_eq!(
+        (row.state, row.error_code.as_deref()),
+        (TaskState::Canceled, Some("TASK_CANCELED"))
+    );
 }

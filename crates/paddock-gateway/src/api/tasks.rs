@@ -373,7 +373,8 @@ pub(crate) async fn events(
 /// Cancels a task: a queued one at once, a running one through its agent.
 #[utoipa::path(post, path = "/v1/orgs/{org_id}/tasks/{task_id}/cancel",
     params(("org_id" = String, Path), ("task_id" = String, Path), ("X-Org-Id" = String, Header)),
-    responses((status = 202, body = Object), (status = 404, body = crate::error::ErrorResponse)))]
+    responses((status = 200, description = "queued task canceled", body = Object), (status = 202, description = "cancel sent to the agent", body = Object),
+        (status = 404, body = crate::error::ErrorResponse), (status = 409, description = "already finished", body = crate::error::ErrorResponse)))]
 pub(crate) async fn cancel(
     State(state): State<AppState>,
     Extension(principal): Extension<ApiPrincipal>,
