@@ -23,8 +23,13 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Oldest protocol version a gateway of this build still accepts.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
-/// Default upper bound on one WebSocket frame, in bytes. Output is chunked well below it.
-pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
+/// Default upper bound on one WebSocket frame, in bytes. Output is chunked well below it, and
+/// a `result` (two streams of at most [`MAX_OUTPUT_CHARS`] characters, at most 6 bytes each
+/// once JSON-escaped) always fits.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
+
+/// Upper bound on an agent's per-stream output cap, so a result always fits in one frame.
+pub const MAX_OUTPUT_CHARS: usize = 256 * 1024;
 
 /// Milliseconds since the Unix epoch: the one time representation on the wire and on disk.
 pub fn now_ms() -> i64 {

@@ -20,7 +20,7 @@ pub(crate) struct RunSettings {
     /// Root of per-run work directories (default ~/.paddock/workdir).
     #[arg(long, env = "PADDOCK_AGENT_WORKDIR_ROOT")]
     pub workdir_root: Option<PathBuf>,
-    /// Output cap per stream, in characters.
+    /// Output cap per stream, in characters (at most 262144, so a result fits in one frame).
     #[arg(
         long,
         env = "PADDOCK_AGENT_HOST_OUTPUT_MAX_CHARS",
@@ -52,7 +52,7 @@ impl RunSettings {
         if let Some(root) = &self.workdir_root {
             s.workdir_root = root.clone();
         }
-        s.host_output_max_chars = self.host_output_max_chars.max(1);
+        s.host_output_max_chars = self.host_output_max_chars.clamp(1, paddock_proto::MAX_OUTPUT_CHARS);
         s.host_kill_grace = Duration::from_millis(self.host_kill_grace_ms);
         s.max_in_flight = self.max_in_flight.max(1);
         s.reported_tags = tags;

@@ -287,7 +287,7 @@ async fn http_surface_health_metrics_openapi_and_ws_auth() {
     sock.send(Message::Text(
         format!(
             "{{\"type\":\"heartbeat\",\"tsMs\":1,\"pad\":\"{}\"}}",
-            "x".repeat(1_200_000)
+            "x".repeat(4_300_000)
         )
         .into(),
     ))
