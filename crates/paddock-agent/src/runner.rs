@@ -219,10 +219,13 @@ impl Runner {
         let attempt = d.attempt;
         {
             let mut slots = lock(&self.slots);
-            if let Some(existing) = slots.get(&task_id)
-                && existing.attempt >= attempt
-            {
-                return; // duplicate dispatch
+            if let Some(existing) = slots.get(&task_id) {
+                if existing.attempt >= attempt {
+                    return; // duplicate dispatch
+                }
+                // A newer attempt supersedes the old one: stop it before its slot is replaced,
+                // or its process would run on untracked.
+                existing.cancel.cancel();
             }
             let refuse = if draining {
                 Some((ErrorCode::AgentShuttingDown, "agent is shutting down"))

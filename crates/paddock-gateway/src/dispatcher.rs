@@ -92,7 +92,7 @@ async fn claim_for(
         .await?;
     let n = claimed.len() as u32;
     for task in claimed {
-        handle.add_in_flight(&task.id);
+        handle.add_in_flight(&task.id, task.attempt);
         let msg = GatewayMessage::Dispatch(Box::new(Dispatch {
             task_id: task.id.clone(),
             attempt: task.attempt,

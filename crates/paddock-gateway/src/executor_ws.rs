@@ -196,7 +196,7 @@ where
             .rebind_task(&agent.org_id, &r.task_id, r.attempt, &agent.id, lease_until)
             .await
         {
-            Ok(true) => handle.add_in_flight(&r.task_id),
+            Ok(true) => handle.add_in_flight(&r.task_id, r.attempt),
             Ok(false) => cancel.push(r.clone()),
             Err(e) => tracing::warn!(task = %r.task_id, "rebind failed: {e}"),
         }
@@ -379,7 +379,7 @@ async fn handle_message(
                 .complete_task(&agent.org_id, &agent.id, &r, state.cfg.results_ttl_ms())
                 .await
                 .map_err(db_down)?;
-            handle.remove_in_flight(&r.task_id);
+            handle.finish_attempt(&r.task_id, r.attempt);
             if stored {
                 let label = crate::metrics::StateLabel {
                     state: format!("{:?}", r.status).to_lowercase(),
@@ -437,7 +437,7 @@ async fn handle_message(
                         )
                         .await
                         .map_err(db_down)?;
-                    handle.remove_in_flight(task);
+                    handle.finish_attempt(task, attempt);
                     tracing::info!(task, attempt, requeued, "agent handed a task back");
                     if requeued {
                         bus::publish(

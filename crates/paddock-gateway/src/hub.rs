@@ -1,7 +1,7 @@
 //! The agents connected to this replica: their declared capabilities, control-plane tags,
 //! in-flight tasks, and the channel to their WebSocket session.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -26,8 +26,9 @@ pub struct AgentHandle {
     pub max_in_flight: u32,
     /// Control-plane tags (refreshed when changed through the API).
     tags: Mutex<Vec<String>>,
-    /// Task ids dispatched to this connection and not yet finished.
-    in_flight: Mutex<HashSet<String>>,
+    /// Tasks dispatched to (or re-bound on) this connection and not yet finished, with the
+    /// attempt held.
+    in_flight: Mutex<HashMap<String, u32>>,
     /// Outgoing messages to the session.
     pub tx: mpsc::UnboundedSender<GatewayMessage>,
     /// Fired to close the session (revocation, replacement, shutdown).
@@ -62,19 +63,31 @@ impl AgentHandle {
         lock(&self.in_flight).len()
     }
 
-    /// Records a task as in flight on this connection.
-    pub fn add_in_flight(&self, task_id: &str) {
-        lock(&self.in_flight).insert(task_id.to_string());
+    /// Records an attempt as in flight on this connection.
+    pub fn add_in_flight(&self, task_id: &str, attempt: u32) {
+        lock(&self.in_flight).insert(task_id.to_string(), attempt);
     }
 
     /// Whether a task is in flight on this connection.
     pub fn owns(&self, task_id: &str) -> bool {
-        lock(&self.in_flight).contains(task_id)
+        lock(&self.in_flight).contains_key(task_id)
     }
 
-    /// Forgets a task; returns whether it was in flight here.
+    /// Forgets a task whatever its attempt; returns whether it was in flight here.
     pub fn remove_in_flight(&self, task_id: &str) -> bool {
-        lock(&self.in_flight).remove(task_id)
+        lock(&self.in_flight).remove(task_id).is_some()
+    }
+
+    /// Forgets a task only if this exact attempt is the one held (a stale attempt's result
+    /// must not free the slot of the attempt still running).
+    pub fn finish_attempt(&self, task_id: &str, attempt: u32) -> bool {
+        let mut m = lock(&self.in_flight);
+        if m.get(task_id) == Some(&attempt) {
+            m.remove(task_id);
+            true
+        } else {
+            false
+        }
     }
 
     /// Asks the session to close with an error sent to the agent first.
@@ -123,7 +136,7 @@ impl Hub {
             backends: reg.backends,
             max_in_flight: reg.max_in_flight.max(1),
             tags: Mutex::new(reg.tags),
-            in_flight: Mutex::new(HashSet::new()),
+            in_flight: Mutex::new(HashMap::new()),
             tx,
             close: CancellationToken::new(),
             close_reason: Mutex::new(None),

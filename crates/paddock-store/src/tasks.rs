@@ -495,7 +495,7 @@ impl Store {
     ) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE tasks SET agent_id = $1, lease_expires_at = $2, state = CASE WHEN state = 'queued' THEN 'running' ELSE state END, updated_at = $3 \
-             WHERE id = $4 AND org_id = $5 AND attempt = $6 AND state IN ('queued', 'dispatched', 'running') AND cancel_requested = 0 AND (agent_id = $1 OR agent_id IS NULL)",
+             WHERE id = $4 AND org_id = $5 AND attempt = $6 AND state IN ('queued', 'dispatched', 'running') AND cancel_requested = 0 AND agent_id = $1",
         )
         .bind(agent_id)
         .bind(lease_until)
@@ -508,9 +508,11 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Stores the result of an attempt if, and only if, it is the current attempt and the task
-    /// has not finished, and the reporting agent holds the attempt (or nobody does, after a
-    /// re-queue): the first completion wins, late or duplicate results are ignored.
+    /// Stores the result of an attempt if, and only if, it is the current attempt, the task
+    /// has not finished, and the reporting agent holds the attempt (after a lease-expiry
+    /// re-queue the task remembers its last agent until it is dispatched again, so that agent's
+    /// late result still lands): the first completion wins, late or duplicate results are
+    /// ignored, and no agent can complete a task it was never given.
     /// Returns whether the result was stored. The result is kept `ttl_ms`.
     ///
     /// # Errors
@@ -527,7 +529,7 @@ impl Store {
         let json = serde_json::to_string(result).map_err(|e| corrupt("tasks.result", e))?;
         let done = sqlx::query(
             "UPDATE tasks SET state = $1, finished_at = $2, updated_at = $2, started_at = COALESCE(started_at, $3), exit_code = $4, error_code = $5, error_message = $6, result = $7, expires_at = $8, lease_expires_at = NULL \
-             WHERE id = $9 AND org_id = $10 AND attempt = $11 AND state IN ('queued', 'dispatched', 'running') AND (agent_id = $12 OR agent_id IS NULL)",
+             WHERE id = $9 AND org_id = $10 AND attempt = $11 AND state IN ('queued', 'dispatched', 'running') AND agent_id = $12",
         )
         .bind(state.as_str())
         .bind(now)
@@ -615,7 +617,7 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         let requeued = sqlx::query(
-            "UPDATE tasks SET state = 'queued', agent_id = NULL, lease_expires_at = NULL, updated_at = $1, queue_deadline_at = CASE WHEN queue_deadline_at < $2 THEN $2 ELSE queue_deadline_at END \
+            "UPDATE tasks SET state = 'queued', lease_expires_at = NULL, updated_at = $1, queue_deadline_at = CASE WHEN queue_deadline_at < $2 THEN $2 ELSE queue_deadline_at END \
              WHERE state IN ('dispatched', 'running') AND lease_expires_at < $1 RETURNING id, org_id",
         )
         .bind(now)

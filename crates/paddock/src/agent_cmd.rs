@@ -52,7 +52,9 @@ impl RunSettings {
         if let Some(root) = &self.workdir_root {
             s.workdir_root = root.clone();
         }
-        s.host_output_max_chars = self.host_output_max_chars.clamp(1, paddock_proto::MAX_OUTPUT_CHARS);
+        s.host_output_max_chars = self
+            .host_output_max_chars
+            .clamp(1, paddock_proto::MAX_OUTPUT_CHARS);
         s.host_kill_grace = Duration::from_millis(self.host_kill_grace_ms);
         s.max_in_flight = self.max_in_flight.max(1);
         s.reported_tags = tags;

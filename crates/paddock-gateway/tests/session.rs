@@ -1,0 +1,1123 @@
+//! The executor WebSocket session (`executor_ws::run_session`) driven through in-memory
+//! channels: the test plays the agent, a real gateway (SQLite, fast timings) plays itself.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::{Sink, Stream};
+use paddock_gateway::executor_ws::run_session;
+use paddock_gateway::{AppState, Gateway, GatewayConfig};
+use paddock_proto::{
+    AgentMessage, Capabilities, ErrorBody, ErrorCode, Event, Frame, GatewayMessage, Heartbeat,
+    Hello, HelloOk, Output, PROTOCOL_VERSION, ResultAck, ResultStatus, RunningTask,
+    Stream as OutStream, TaskRef, TaskResult, TaskSpec, decode_gateway, encode, now_ms,
+};
+use paddock_store::{Agent, NewTask, Org, TaskRow, TaskState};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// Upper bound on any single wait.
+const WAIT: Duration = Duration::from_secs(10);
+/// Frame limit configured for these tests.
+const MAX_FRAME: usize = 4096;
+/// Heartbeat interval configured for these tests (also the presence / lease-extension period).
+const HEARTBEAT: Duration = Duration::from_millis(250);
+
+// ---------------------------------------------------------------------------------------
+// Channel adapters: a tokio channel as `Sink<Frame>` and `Stream<Item = Frame>`.
+// ---------------------------------------------------------------------------------------
+
+struct ChanSink(mpsc::UnboundedSender<Frame>);
+
+impl Sink<Frame> for ChanSink {
+    type Error = &'static str;
+
+    fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn start_send(self: Pin<&mut Self>, item: Frame) -> Result<(), Self::Error> {
+        self.0.send(item).map_err(|_| "receiver dropped")
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+struct ChanStream(mpsc::UnboundedReceiver<Frame>);
+
+impl Stream for ChanStream {
+    type Item = Frame;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Frame>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------
+
+/// A gateway on a fresh SQLite file, one org and one managed agent.
+struct Harness {
+    state: AppState,
+    org: Org,
+    agent: Agent,
+    _gateway: Gateway,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.state.shutdown.cancel();
+    }
+}
+
+async fn harness() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("paddock.db").display());
+    let mut cfg = GatewayConfig::new(url);
+    cfg.tick = Duration::from_millis(50);
+    cfg.lease = Duration::from_secs(2);
+    cfg.heartbeat_interval = HEARTBEAT;
+    cfg.max_frame_bytes = MAX_FRAME;
+    let gateway = Gateway::start(cfg).await.unwrap();
+    let state = gateway.state().clone();
+    let org = state.store.create_org("acme").await.unwrap();
+    let (agent, _token) = state
+        .store
+        .issue_managed_agent(&org.id, "agent-1", &[])
+        .await
+        .unwrap();
+    Harness {
+        state,
+        org,
+        agent,
+        _gateway: gateway,
+        _dir: dir,
+    }
+}
+
+impl Harness {
+    fn connect(&self) -> Conn {
+        self.connect_as(&self.agent)
+    }
+
+    fn connect_as(&self, agent: &Agent) -> Conn {
+        let (to_gw, stream_rx) = mpsc::unbounded_channel();
+        let (sink_tx, from_gw) = mpsc::unbounded_channel();
+        let join = tokio::spawn(run_session(
+            self.state.clone(),
+            agent.clone(),
+            ChanSink(sink_tx),
+            ChanStream(stream_rx),
+        ));
+        Conn {
+            to_gw,
+            from_gw,
+            join,
+        }
+    }
+
+    async fn insert(&self, org_id: &str, spec: &TaskSpec) -> String {
+        self.state
+            .store
+            .insert_task(&NewTask {
+                org_id: org_id.to_string(),
+                spec: spec.clone(),
+                max_attempts: 2,
+                queue_deadline_at: now_ms() + 600_000,
+            })
+            .await
+            .unwrap()
+    }
+
+    async fn task(&self, org_id: &str, id: &str) -> TaskRow {
+        self.state
+            .store
+            .get_task(org_id, id)
+            .await
+            .unwrap()
+            .expect("task exists")
+    }
+}
+
+/// One session: the test holds the agent's ends of the two channels.
+struct Conn {
+    to_gw: mpsc::UnboundedSender<Frame>,
+    from_gw: mpsc::UnboundedReceiver<Frame>,
+    join: JoinHandle<()>,
+}
+
+impl Conn {
+    fn send_frame(&self, frame: Frame) {
+        self.to_gw.send(frame).expect("session stream dropped");
+    }
+
+    fn send(&self, msg: &AgentMessage) {
+        self.send_frame(encode(msg));
+    }
+
+    fn send_text(&self, text: &str) {
+        self.send_frame(Frame::Text(text.to_string()));
+    }
+
+    /// The next frame the gateway sent.
+    async fn frame(&mut self) -> Frame {
+        tokio::time::timeout(WAIT, self.from_gw.recv())
+            .await
+            .expect("timed out waiting for a gateway frame")
+            .expect("the session ended without sending the expected frame")
+    }
+
+    /// The next gateway message (panics on a control frame).
+    async fn recv(&mut self) -> GatewayMessage {
+        let frame = self.frame().await;
+        decode_gateway(&frame, usize::MAX)
+            .unwrap_or_else(|e| panic!("gateway sent an undecodable frame {frame:?}: {e}"))
+            .unwrap_or_else(|| panic!("expected a message, got control frame {frame:?}"))
+    }
+
+    /// The next gateway message, skipping heartbeats.
+    async fn recv_skip_heartbeats(&mut self) -> GatewayMessage {
+        loop {
+            match self.recv().await {
+                GatewayMessage::Heartbeat(_) => {}
+                other => return other,
+            }
+        }
+    }
+
+    async fn expect_error(&mut self, code: ErrorCode) -> ErrorBody {
+        match self.recv().await {
+            GatewayMessage::Error(e) => {
+                assert_eq!(e.code, code, "unexpected error: {e:?}");
+                e
+            }
+            other => panic!("expected error {code}, got {other:?}"),
+        }
+    }
+
+    async fn expect_dispatch(&mut self) -> paddock_proto::Dispatch {
+        match self.recv_skip_heartbeats().await {
+            GatewayMessage::Dispatch(d) => *d,
+            other => panic!("expected dispatch, got {other:?}"),
+        }
+    }
+
+    async fn expect_ack(&mut self) -> ResultAck {
+        match self.recv_skip_heartbeats().await {
+            GatewayMessage::ResultAck(a) => a,
+            other => panic!("expected result_ack, got {other:?}"),
+        }
+    }
+
+    async fn expect_close(&mut self) {
+        let frame = self.frame().await;
+        assert_eq!(frame, Frame::Close, "expected a close frame");
+    }
+
+    /// Sends `hello` and returns `hello_ok`.
+    async fn hello(&mut self, max_in_flight: u32, running: Vec<RunningTask>) -> HelloOk {
+        self.send(&hello(PROTOCOL_VERSION, max_in_flight, running));
+        match self.recv().await {
+            GatewayMessage::HelloOk(ok) => ok,
+            other => panic!("expected hello_ok, got {other:?}"),
+        }
+    }
+
+    /// Round trip through the session: every message sent before has been fully handled
+    /// (including its database writes) when this returns.
+    async fn sync(&mut self) {
+        self.send(&AgentMessage::Heartbeat(Heartbeat { ts_ms: now_ms() }));
+        match self.recv().await {
+            GatewayMessage::Heartbeat(h) => assert!(h.ts_ms > 0),
+            other => panic!("expected the heartbeat answer, got {other:?}"),
+        }
+    }
+
+    /// Asserts the gateway sends nothing for `dur`.
+    async fn expect_silence(&mut self, dur: Duration) {
+        if let Ok(frame) = tokio::time::timeout(dur, self.from_gw.recv()).await {
+            panic!("expected no frame for {dur:?}, got {frame:?}");
+        }
+    }
+
+    /// Waits for `run_session` to return; nothing more is sent after it.
+    async fn ended(mut self) {
+        tokio::time::timeout(WAIT, &mut self.join)
+            .await
+            .expect("run_session did not finish")
+            .expect("run_session panicked");
+        assert_eq!(
+            self.from_gw.recv().await,
+            None,
+            "frame after the session ended"
+        );
+    }
+
+    async fn is_running(&self) -> bool {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        !self.join.is_finished()
+    }
+}
+
+fn hello(protocol: u32, max_in_flight: u32, running: Vec<RunningTask>) -> AgentMessage {
+    AgentMessage::Hello(Hello {
+        protocol,
+        agent_version: "0.0.0-test".into(),
+        capabilities: Capabilities {
+            kinds: vec!["agent.execute".into()],
+            connectors: vec![],
+            tags: vec!["reported".into()],
+            max_in_flight,
+            backends: vec!["host".into()],
+        },
+        running,
+    })
+}
+
+fn echo_spec(word: &str) -> TaskSpec {
+    serde_json::from_value(serde_json::json!({
+        "kind": "agent.execute",
+        "shell": { "argv": ["echo", word], "env": { "A": "1" } },
+        "timeoutMs": 5000,
+    }))
+    .unwrap()
+}
+
+fn result(task_id: &str, attempt: u32, status: ResultStatus, stdout: &str) -> TaskResult {
+    TaskResult {
+        task_id: task_id.into(),
+        attempt,
+        status,
+        exit_code: Some(if status == ResultStatus::Succeeded {
+            0
+        } else {
+            1
+        }),
+        signal: None,
+        error_code: None,
+        error_message: None,
+        stdout: stdout.into(),
+        stderr: String::new(),
+        stdout_truncated: false,
+        stderr_truncated: false,
+        started_at_ms: now_ms() - 10,
+        finished_at_ms: now_ms(),
+    }
+}
+
+fn output(task_id: &str, attempt: u32, seq: u64, data: &str) -> AgentMessage {
+    AgentMessage::Output(Output {
+        task_id: task_id.into(),
+        attempt,
+        seq,
+        stream: OutStream::Stdout,
+        data: data.into(),
+    })
+}
+
+fn accepted(task_id: &str, attempt: u32) -> AgentMessage {
+    AgentMessage::Accepted(TaskRef {
+        task_id: task_id.into(),
+        attempt,
+    })
+}
+
+fn running(task_id: &str, attempt: u32) -> RunningTask {
+    RunningTask {
+        task_id: task_id.into(),
+        attempt,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// hello
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_ok_carries_identity_and_heartbeat_interval() {
+    let h = harness().await;
+    let mut c = h.connect();
+    let ok = c.hello(3, vec![]).await;
+    assert_eq!(
+        ok,
+        HelloOk {
+            protocol: PROTOCOL_VERSION,
+            agent_id: h.agent.id.clone(),
+            org_id: h.org.id.clone(),
+            heartbeat_interval_ms: HEARTBEAT.as_millis() as u64,
+            cancel: vec![],
+        }
+    );
+    let handle = h.state.hub.get(&h.agent.id).expect("registered in the hub");
+    assert_eq!(handle.max_in_flight, 3);
+    assert_eq!(handle.kinds, vec!["agent.execute".to_string()]);
+    assert_eq!(handle.backends, vec!["host".to_string()]);
+    let stored = h
+        .state
+        .store
+        .get_agent(&h.org.id, &h.agent.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(stored.connected_replica.is_some());
+    assert_eq!(stored.agent_version.as_deref(), Some("0.0.0-test"));
+    assert_eq!(stored.reported_tags, vec!["reported".to_string()]);
+
+    // The agent closes: the session ends and unregisters.
+    c.send_frame(Frame::Close);
+    c.ended().await;
+    assert!(h.state.hub.get(&h.agent.id).is_none());
+    let stored = h
+        .state
+        .store
+        .get_agent(&h.org.id, &h.agent.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.connected_replica, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_message_must_be_hello() {
+    let h = harness().await;
+    let mut c = h.connect();
+    c.send(&AgentMessage::Heartbeat(Heartbeat { ts_ms: now_ms() }));
+    c.expect_error(ErrorCode::ProtocolViolation).await;
+    c.expect_close().await;
+    c.ended().await;
+    assert!(h.state.hub.get(&h.agent.id).is_none());
+
+    // A malformed first frame is reported as such, and also ends the session.
+    let mut c = h.connect();
+    c.send_text("{");
+    c.expect_error(ErrorCode::MalformedFrame).await;
+    c.expect_close().await;
+    c.ended().await;
+    assert!(h.state.hub.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_protocol_version_is_refused() {
+    let h = harness().await;
+    let mut c = h.connect();
+    c.send(&hello(99, 10, vec![]));
+    let e = c.expect_error(ErrorCode::ProtocolVersionUnsupported).await;
+    assert!(e.message.contains("99"), "message names the version: {e:?}");
+    c.expect_close().await;
+    c.ended().await;
+    assert!(h.state.hub.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_twice_is_a_protocol_violation() {
+    let h = harness().await;
+    let mut c = h.connect();
+    c.hello(10, vec![]).await;
+    c.send(&hello(PROTOCOL_VERSION, 10, vec![]));
+    c.expect_error(ErrorCode::ProtocolViolation).await;
+    c.expect_close().await;
+    c.ended().await;
+    assert!(h.state.hub.is_empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// Frames
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_are_reported_and_the_session_continues() {
+    let h = harness().await;
+    let mut c = h.connect();
+    c.hello(10, vec![]).await;
+    for bad in [
+        "{",
+        r#"{"type":"nope"}"#,
+        r#"{"type":"accepted","taskId":1,"attempt":"x"}"#,
+        r#"{"type":"output","taskId":"t","attempt":1,"seq":-1,"stream":"stdout","data":""}"#,
+    ] {
+        c.send_text(bad);
+        let e = c.expect_error(ErrorCode::MalformedFrame).await;
+        assert_eq!((e.task_id, e.attempt), (None, None), "input {bad:?}");
+    }
+    c.send_frame(Frame::Binary(vec![1, 2, 3]));
+    c.expect_error(ErrorCode::MalformedFrame).await;
+    // Transport pings are ignored silently.
+    c.send_frame(Frame::Ping);
+    // Still alive: a heartbeat is answered.
+    c.sync().await;
+    assert!(c.is_running().await);
+    assert!(h.state.hub.get(&h.agent.id).is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_malformed_frames_close_the_session() {
+    let h = harness().await;
+    let mut c = h.connect();
+    c.hello(10, vec![]).await;
+    for _ in 0..15 {
+        c.send_text("{");
+        c.expect_error(ErrorCode::MalformedFrame).await;
+    }
+    c.sync().await;
+    c.send_text("{");
+    c.expect_error(ErrorCode::MalformedFrame).await;
+    c.expect_close().await;
+    c.ended().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_frame_closes_the_session() {
+    let h = harness().await;
+    let mut c = h.connect();
+    c.hello(10, vec![]).await;
+    // Exactly at the limit is fine (a heartbeat padded with spaces).
+    let at_limit = r#"{"type":"heartbeat","tsMs":1}"#;
+    let padded = format!("{at_limit}{}", " ".repeat(MAX_FRAME - at_limit.len()));
+    assert_eq!(padded.len(), MAX_FRAME);
+    c.send_text(&padded);
+    assert!(matches!(c.recv().await, GatewayMessage::Heartbeat(_)));
+    // One byte over is refused and ends the session.
+    c.send_text(&format!("{padded} "));
+    let e = c.expect_error(ErrorCode::FrameTooLarge).await;
+    assert!(e.message.contains(&MAX_FRAME.to_string()), "{e:?}");
+    c.expect_close().await;
+    c.ended().await;
+    assert!(h.state.hub.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_binary_frame_is_too_large() {
+    let h = harness().await;
+    let mut c = h.connect();
+    c.hello(10, vec![]).await;
+    c.send_frame(Frame::Binary(vec![0; MAX_FRAME + 1]));
+    c.expect_error(ErrorCode::FrameTooLarge).await;
+    c.expect_close().await;
+    c.ended().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Dispatch, output, results
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatch_accept_output_and_result_flow() {
+    let h = harness().await;
+    let mut c = h.connect();
+    c.hello(10, vec![]).await;
+    let spec = echo_spec("hi");
+    let before = now_ms();
+    let id = h.insert(&h.org.id, &spec).await;
+
+    let d = c.expect_dispatch().await;
+    assert_eq!(d.task_id, id);
+    assert_eq!(d.attempt, 1);
+    assert_eq!(d.spec, spec);
+    assert!(
+        d.lease_deadline_ms >= before + 1_500 && d.lease_deadline_ms <= now_ms() + 2_000,
+        "lease deadline ~ now + 2 s: {}",
+        d.lease_deadline_ms
+    );
+    let t = h.task(&h.org.id, &id).await;
+    assert_eq!(t.state, TaskState::Dispatched);
+    assert_eq!(t.attempt, 1);
+    assert_eq!(t.agent_id.as_deref(), Some(h.agent.id.as_str()));
+    assert!(h.state.hub.get(&h.agent.id).unwrap().owns(&id));
+
+    c.send(&accepted(&id, 1));
+    c.sync().await;
+    let t = h.task(&h.org.id, &id).await;
+    assert_eq!(t.state, TaskState::Running);
+    assert!(t.started_at.is_some());
+
+    for seq in 1..=3 {
+        c.send(&output(&id, 1, seq, &format!("line {seq}\n")));
+    }
+    // A duplicate sequence number is ignored (the first chunk wins).
+    c.send(&output(&id, 1, 2, "duplicate\n"));
+    c.send(&AgentMessage::Event(Event {
+        task_id: id.clone(),
+        attempt: 1,
+        name: "started".into(),
+        payload: serde_json::json!({ "pid": 42 }),
+    }));
+    c.sync().await;
+    let out = h.state.store.read_output(&id, 1, 0, 100).await.unwrap();
+    assert_eq!(
+        out.iter()
+            .map(|o| (o.attempt, o.seq, o.stream.as_str(), o.data.as_str()))
+            .collect::<Vec<_>>(),
+        vec![
+            (1, 1, "stdout", "line 1\n"),
+            (1, 2, "stdout", "line 2\n"),
+            (1, 3, "stdout", "line 3\n"),
+        ]
+    );
+    let events = h.state.store.list_events(&id).await.unwrap();
+    let started = events
+        .iter()
+        .find(|e| e.name == "started")
+        .expect("started event stored");
+    assert_eq!(started.attempt, 1);
+    assert_eq!(started.payload, serde_json::json!({ "pid": 42 }));
+
+    let res = result(&id, 1, ResultStatus::Succeeded, "hi\n");
+    c.send(&AgentMessage::Result(res.clone()));
+    assert_eq!(
+        c.expect_ack().await,
+        ResultAck {
+            task_id: id.clone(),
+            attempt: 1,
+            stored: true
+        }
+    );
+    let done = h.task(&h.org.id, &id).await;
+    assert_eq!(done.state, TaskState::Succeeded);
+    assert_eq!(done.exit_code, Some(0));
+    assert_eq!(done.result.as_ref(), Some(&res));
+    assert!(done.finished_at.is_some());
+    assert!(!h.state.hub.get(&h.agent.id).unwrap().owns(&id));
+
+    // The same result again: acknowledged, not stored (first completion wins).
+    let mut again = res.clone();
+    again.stdout = "second\n".into();
+    c.send(&AgentMessage::Result(again));
+    assert_eq!(
+        c.expect_ack().await,
+        ResultAck {
+            task_id: id.clone(),
+            attempt: 1,
+            stored: false
+        }
+    );
+    // A result for an attempt that is not current: not stored, task unchanged.
+    c.send(&AgentMessage::Result(result(
+        &id,
+        2,
+        ResultStatus::Failed,
+        "late\n",
+    )));
+    assert_eq!(
+        c.expect_ack().await,
+        ResultAck {
+            task_id: id.clone(),
+            attempt: 2,
+            stored: false
+        }
+    );
+    assert_eq!(h.task(&h.org.id, &id).await, done);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_for_a_stale_attempt_of_a_running_task_is_ignored() {
+    let h = harness().await;
+    let mut c = h.connect();
+    c.hello(10, vec![]).await;
+    let id = h.insert(&h.org.id, &echo_spec("x")).await;
+    let d = c.expect_dispatch().await;
+    assert_eq!((d.task_id.as_str(), d.attempt), (id.as_str(), 1));
+    c.send(&accepted(&id, 1));
+    c.sync().await;
+    let before = h.task(&h.org.id, &id).await;
+    assert_eq!(before.state, TaskState::Running);
+
+    for attempt in [0, 2] {
+        c.send(&AgentMessage::Result(result(
+            &id,
+            attempt,
+            ResultStatus::Succeeded,
+            "",
+        )));
+        let ack = c.expect_ack().await;
+        assert_eq!((ack.attempt, ack.stored), (attempt, false));
+    }
+    assert_eq!(h.task(&h.org.id, &id).await, before);
+    // The real attempt still completes normally.
+    c.send(&AgentMessage::Result(result(
+        &id,
+        1,
+        ResultStatus::Failed,
+        "",
+    )));
+    assert!(c.expect_ack().await.stored);
+    assert_eq!(h.task(&h.org.id, &id).await.state, TaskState::Failed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignored_result_does_not_release_the_running_attempt() {
+    let h = harness().await;
+    let id = h.insert(&h.org.id, &echo_spec("running")).await;
+    let waiting = h.insert(&h.org.id, &echo_spec("waiting")).await;
+    let mut c = h.connect();
+    c.hello(1, vec![]).await;
+    let d = c.expect_dispatch().await;
+    assert_eq!((d.task_id.as_str(), d.attempt), (id.as_str(), 1));
+    c.send(&accepted(&id, 1));
+    c.send(&AgentMessage::Result(result(
+        &id,
+        2,
+        ResultStatus::Succeeded,
+        "",
+    )));
+    assert!(!c.expect_ack().await.stored);
+    let still_owned = h.state.hub.get(&h.agent.id).unwrap().owns(&id);
+    // Its output is still accepted, and the single slot is still taken: within 500 ms the
+    // only answer is the heartbeat's (no dispatch of the waiting task).
+    c.send(&output(&id, 1, 1, "still running\n"));
+    c.send(&AgentMessage::Heartbeat(Heartbeat { ts_ms: now_ms() }));
+    let mut extra = Vec::new();
+    let mut heartbeat_answered = false;
+    while let Ok(Some(frame)) =
+        tokio::time::timeout(Duration::from_millis(500), c.from_gw.recv()).await
+    {
+        match decode_gateway(&frame, usize::MAX) {
+            Ok(Some(GatewayMessage::Heartbeat(_))) => heartbeat_answered = true,
+            other => extra.push(other),
+        }
+    }
+    assert!(heartbeat_answered);
+    let stored_output = h
+        .state
+        .store
+        .read_output(&id, 1, 0, 10)
+        .await
+        .unwrap()
+        .len();
+    let waiting_state = h.task(&h.org.id, &waiting).await.state;
+    assert_eq!(
+        (still_owned, stored_output, waiting_state, extra.len()),
+        (true, 1, TaskState::Queued, 0),
+        "after an ignored result: (owns attempt 1, its output rows, state of the waiting task, \
+         extra frames); extra frames: {extra:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_for_another_orgs_task_are_not_stored() {
+    let h = harness().await;
+    let other = h.state.store.create_org("other").await.unwrap();
+    let foreign = h.insert(&other.id, &echo_spec("secret")).await;
+    let mut c = h.connect();
+    c.hello(10, vec![]).await;
+
+    for attempt in [0, 1] {
+        c.send(&accepted(&foreign, attempt));
+        c.send(&output(&foreign, attempt, 1, "injected\n"));
+        c.send(&AgentMessage::Event(Event {
+            task_id: foreign.clone(),
+            attempt,
+            name: "started".into(),
+            payload: serde_json::Value::Null,
+        }));
+    }
+    c.sync().await;
+    for attempt in [0, 1] {
+        c.send(&AgentMessage::Result(result(
+            &foreign,
+            attempt,
+            ResultStatus::Succeeded,
+            "forged",
+        )));
+        assert_eq!(
+            c.expect_ack().await,
+            ResultAck {
+                task_id: foreign.clone(),
+                attempt,
+                stored: false
+            }
+        );
+    }
+
+    let t = h.task(&other.id, &foreign).await;
+    assert_eq!(t.state, TaskState::Queued);
+    assert_eq!(t.attempt, 0);
+    assert_eq!(t.agent_id, None);
+    assert_eq!(t.result, None);
+    for attempt in [0, 1] {
+        assert!(
+            h.state
+                .store
+                .read_output(&foreign, attempt, 0, 100)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    assert!(
+        h.state
+            .store
+            .list_events(&foreign)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Nor can the agent see it through its own org.
+    assert!(
+        h.state
+            .store
+            .get_task(&h.org.id, &foreign)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_for_a_task_dispatched_to_another_agent_are_not_stored() {
+    let h = harness().await;
+    let (agent2, _) = h
+        .state
+        .store
+        .issue_managed_agent(&h.org.id, "agent-2", &[])
+        .await
+        .unwrap();
+    let mut holder = h.connect_as(&agent2);
+    holder.hello(10, vec![]).await;
+    let id = h.insert(&h.org.id, &echo_spec("mine")).await;
+    let d = holder.expect_dispatch().await;
+    assert_eq!((d.task_id.as_str(), d.attempt), (id.as_str(), 1));
+
+    // Our agent declares no kinds, so the dispatcher never hands it anything.
+    let mut c = h.connect();
+    c.send(&AgentMessage::Hello(Hello {
+        protocol: PROTOCOL_VERSION,
+        agent_version: "0.0.0-test".into(),
+        capabilities: Capabilities {
+            max_in_flight: 10,
+            ..Default::default()
+        },
+        running: vec![],
+    }));
+    assert!(matches!(c.recv().await, GatewayMessage::HelloOk(_)));
+    c.send(&accepted(&id, 1));
+    c.send(&output(&id, 1, 1, "injected\n"));
+    c.send(&AgentMessage::Event(Event {
+        task_id: id.clone(),
+        attempt: 1,
+        name: "started".into(),
+        payload: serde_json::Value::Null,
+    }));
+    c.send(&AgentMessage::Result(result(
+        &id,
+        1,
+        ResultStatus::Succeeded,
+        "forged",
+    )));
+    assert!(!c.expect_ack().await.stored);
+
+    let t = h.task(&h.org.id, &id).await;
+    assert_eq!(t.state, TaskState::Dispatched);
+    assert_eq!(t.agent_id.as_deref(), Some(agent2.id.as_str()));
+    assert_eq!(t.result, None);
+    assert!(
+        h.state
+            .store
+            .read_output(&id, 1, 0, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        h.state
+            .store
+            .list_events(&id)
+            .await
+            .unwrap()
+            .iter()
+            .all(|e| e.name != "started")
+    );
+    // The holder's own messages are stored.
+    holder.send(&accepted(&id, 1));
+    holder.send(&output(&id, 1, 1, "real\n"));
+    holder.sync().await;
+    assert_eq!(h.task(&h.org.id, &id).await.state, TaskState::Running);
+    let out = h.state.store.read_output(&id, 1, 0, 100).await.unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].data, "real\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_for_a_never_dispatched_task_of_the_same_org_is_not_stored() {
+    let h = harness().await;
+    // No kinds: the dispatcher never hands this agent the task, which stays queued.
+    let mut c = h.connect();
+    c.send(&AgentMessage::Hello(Hello {
+        protocol: PROTOCOL_VERSION,
+        agent_version: "0.0.0-test".into(),
+        capabilities: Capabilities {
+            max_in_flight: 10,
+            ..Default::default()
+        },
+        running: vec![],
+    }));
+    assert!(matches!(c.recv().await, GatewayMessage::HelloOk(_)));
+    let id = h.insert(&h.org.id, &echo_spec("queued")).await;
+    c.send(&AgentMessage::Result(result(
+        &id,
+        0,
+        ResultStatus::Succeeded,
+        "forged",
+    )));
+    let ack = c.expect_ack().await;
+    let t = h.task(&h.org.id, &id).await;
+    assert_eq!(
+        (ack.stored, t.state),
+        (false, TaskState::Queued),
+        "a result for a task never dispatched to this agent must not be stored"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_in_flight_is_honoured() {
+    let h = harness().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(h.insert(&h.org.id, &echo_spec(&format!("t{i}"))).await);
+    }
+    let mut c = h.connect();
+    c.hello(2, vec![]).await;
+    let d1 = c.expect_dispatch().await;
+    let d2 = c.expect_dispatch().await;
+    assert_eq!(
+        vec![d1.task_id.clone(), d2.task_id.clone()],
+        ids[..2].to_vec(),
+        "oldest first"
+    );
+    assert_eq!((d1.attempt, d2.attempt), (1, 1));
+    // Several dispatcher ticks (50 ms) pass without a third dispatch.
+    c.expect_silence(Duration::from_millis(500)).await;
+    assert_eq!(h.state.hub.get(&h.agent.id).unwrap().in_flight_count(), 2);
+
+    c.send(&accepted(&d1.task_id, 1));
+    c.send(&AgentMessage::Result(result(
+        &d1.task_id,
+        1,
+        ResultStatus::Succeeded,
+        "",
+    )));
+    // The acknowledgement and exactly one new dispatch, the next oldest task.
+    let mut ack = None;
+    let mut next = None;
+    for _ in 0..2 {
+        match c.recv().await {
+            GatewayMessage::ResultAck(a) => ack = Some(a),
+            GatewayMessage::Dispatch(d) => next = Some(*d),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(ack.expect("result_ack").stored);
+    let next = next.expect("a new dispatch after a slot freed");
+    assert_eq!((next.task_id.as_str(), next.attempt), (ids[2].as_str(), 1));
+    c.expect_silence(Duration::from_millis(500)).await;
+    for id in &ids[3..] {
+        assert_eq!(h.task(&h.org.id, id).await.state, TaskState::Queued);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handed_back_task_is_requeued_and_dispatched_again() {
+    let h = harness().await;
+    let id = h.insert(&h.org.id, &echo_spec("back")).await;
+    let mut c = h.connect();
+    c.hello(1, vec![]).await;
+    let d = c.expect_dispatch().await;
+    assert_eq!((d.task_id.as_str(), d.attempt), (id.as_str(), 1));
+    c.send(&accepted(&id, 1));
+    // Stopped at the end of a shutdown grace: handed back, the attempt counts.
+    c.send(&AgentMessage::Error(ErrorBody {
+        code: ErrorCode::AgentShuttingDown,
+        message: "shutting down".into(),
+        task_id: Some(id.clone()),
+        attempt: Some(1),
+    }));
+    // Requeued, and with the slot free the dispatcher sends it again as a new attempt.
+    let d = c.expect_dispatch().await;
+    assert_eq!((d.task_id.as_str(), d.attempt), (id.as_str(), 2));
+    let t = h.task(&h.org.id, &id).await;
+    assert_eq!(
+        (t.state, t.attempt, t.agent_id.as_deref()),
+        (TaskState::Dispatched, 2, Some(h.agent.id.as_str()))
+    );
+
+    // Refused as busy: handed back again and re-dispatched. (Whether a refused dispatch
+    // consumes an attempt number is not asserted: only that the store and the new dispatch
+    // agree.)
+    c.send(&AgentMessage::Error(ErrorBody {
+        code: ErrorCode::AgentBusy,
+        message: "busy".into(),
+        task_id: Some(id.clone()),
+        attempt: Some(2),
+    }));
+    let d = c.expect_dispatch().await;
+    assert_eq!(d.task_id, id);
+    let t = h.task(&h.org.id, &id).await;
+    assert_eq!((t.state, t.attempt), (TaskState::Dispatched, d.attempt));
+
+    // A hand-back for an attempt that is not current changes nothing.
+    let before = h.task(&h.org.id, &id).await;
+    c.send(&AgentMessage::Error(ErrorBody {
+        code: ErrorCode::AgentShuttingDown,
+        message: "stale".into(),
+        task_id: Some(id.clone()),
+        attempt: Some(d.attempt + 5),
+    }));
+    c.sync().await;
+    assert_eq!(h.task(&h.org.id, &id).await, before);
+}
+
+// ---------------------------------------------------------------------------------------
+// Reconnects
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_resumes_a_running_task() {
+    let h = harness().await;
+    let id = h.insert(&h.org.id, &echo_spec("resume")).await;
+    let mut c1 = h.connect();
+    c1.hello(10, vec![]).await;
+    let d = c1.expect_dispatch().await;
+    assert_eq!(d.task_id, id);
+    c1.send(&accepted(&id, 1));
+    c1.send(&output(&id, 1, 1, "before\n"));
+    c1.sync().await;
+    // The connection drops (stream ends without a close frame).
+    drop(c1.to_gw);
+    tokio::time::timeout(WAIT, c1.join)
+        .await
+        .expect("session 1 ended")
+        .unwrap();
+    assert!(h.state.hub.is_empty());
+    assert_eq!(h.task(&h.org.id, &id).await.state, TaskState::Running);
+
+    let mut c2 = h.connect();
+    let ok = c2.hello(10, vec![running(&id, 1)]).await;
+    assert_eq!(ok.cancel, vec![]);
+    assert!(h.state.hub.get(&h.agent.id).unwrap().owns(&id));
+    let t = h.task(&h.org.id, &id).await;
+    assert_eq!(
+        (t.state, t.attempt, t.agent_id.as_deref()),
+        (TaskState::Running, 1, Some(h.agent.id.as_str()))
+    );
+    // Replayed output is de-duplicated, new output is stored.
+    c2.send(&output(&id, 1, 1, "before\n"));
+    c2.send(&output(&id, 1, 2, "after\n"));
+    c2.sync().await;
+    let out = h.state.store.read_output(&id, 1, 0, 100).await.unwrap();
+    assert_eq!(
+        out.iter().map(|o| o.data.as_str()).collect::<Vec<_>>(),
+        vec!["before\n", "after\n"]
+    );
+    c2.send(&AgentMessage::Result(result(
+        &id,
+        1,
+        ResultStatus::Succeeded,
+        "before\nafter\n",
+    )));
+    assert_eq!(
+        c2.expect_ack().await,
+        ResultAck {
+            task_id: id.clone(),
+            attempt: 1,
+            stored: true
+        }
+    );
+    assert_eq!(h.task(&h.org.id, &id).await.state, TaskState::Succeeded);
+    // No re-dispatch of the resumed task happened meanwhile.
+    c2.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_with_unknown_tasks_gets_them_back_in_cancel() {
+    let h = harness().await;
+    let other = h.state.store.create_org("other").await.unwrap();
+    let foreign = h.insert(&other.id, &echo_spec("foreign")).await;
+    let id = h.insert(&h.org.id, &echo_spec("known")).await;
+    let mut c1 = h.connect();
+    c1.hello(10, vec![]).await;
+    let d = c1.expect_dispatch().await;
+    assert_eq!((d.task_id.as_str(), d.attempt), (id.as_str(), 1));
+    c1.send_frame(Frame::Close);
+    c1.ended().await;
+
+    let unknown = "00000000-0000-7000-8000-000000000000".to_string();
+    let mut c2 = h.connect();
+    let listed = vec![
+        running(&id, 1),
+        running(&id, 7),
+        running(&unknown, 1),
+        running(&foreign, 0),
+    ];
+    let ok = c2.hello(10, listed).await;
+    assert_eq!(
+        ok.cancel,
+        vec![running(&id, 7), running(&unknown, 1), running(&foreign, 0)]
+    );
+    let handle = h.state.hub.get(&h.agent.id).unwrap();
+    assert!(handle.owns(&id));
+    assert!(!handle.owns(&unknown));
+    assert!(!handle.owns(&foreign));
+    let t = h.task(&other.id, &foreign).await;
+    assert_eq!((t.state, t.agent_id), (TaskState::Queued, None));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_connection_replaces_the_old_one() {
+    let h = harness().await;
+    let mut c1 = h.connect();
+    c1.hello(10, vec![]).await;
+    let mut c2 = h.connect();
+    c2.hello(10, vec![]).await;
+    let e = c1.expect_error(ErrorCode::ProtocolViolation).await;
+    assert!(e.message.contains("replaced"), "{e:?}");
+    c1.expect_close().await;
+    c1.ended().await;
+    // The new connection stays registered and working.
+    c2.sync().await;
+    assert!(h.state.hub.get(&h.agent.id).is_some());
+    assert_eq!(h.state.hub.len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Revocation and shutdown
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_closes_the_session() {
+    let h = harness().await;
+    let mut c = h.connect();
+    c.hello(10, vec![]).await;
+    h.state
+        .hub
+        .get(&h.agent.id)
+        .unwrap()
+        .close_with(ErrorCode::AgentRevoked, "revoked by the test");
+    let e = c.expect_error(ErrorCode::AgentRevoked).await;
+    assert_eq!(e.message, "revoked by the test");
+    assert_eq!((e.task_id, e.attempt), (None, None));
+    c.expect_close().await;
+    c.ended().await;
+    assert!(h.state.hub.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_shutdown_ends_the_session() {
+    let h = harness().await;
+    let mut c = h.connect();
+    c.hello(10, vec![]).await;
+    h.state.shutdown.cancel();
+    let e = c.expect_error(ErrorCode::Unavailable).await;
+    assert!(e.message.contains("shutting down"), "{e:?}");
+    c.expect_close().await;
+    c.ended().await;
+    assert!(h.state.hub.is_empty());
+}
