@@ -353,6 +353,8 @@ impl Runner {
             kill_grace: self.settings.host_kill_grace,
             network: d.spec.sandbox.network_mode.unwrap_or(NetworkMode::Default),
             output_max_chars: self.settings.host_output_max_chars,
+            limits: self.settings.limits.tightened(d.spec.sandbox.limits),
+            rootfs: self.settings.rootfs.clone(),
         };
         let (tx, mut rx) = mpsc::channel::<crate::sandbox::OutputChunk>(64);
         let forward = async {

@@ -23,6 +23,12 @@ pub struct AgentSettings {
     pub tls_ca_file: Option<PathBuf>,
     /// On shutdown, how long running tasks may take before they are stopped and handed back.
     pub shutdown_grace: Duration,
+    /// Most a task may use (`PADDOCK_AGENT_SANDBOX_MEMORY_MB`/`_CPUS`/`_PIDS`); tasks may ask
+    /// for less.
+    pub limits: crate::sandbox::Limits,
+    /// Root filesystem for the `process` and `oci` backends (`PADDOCK_AGENT_ROOTFS`); `None`
+    /// shows a read-only view of the host's.
+    pub rootfs: Option<PathBuf>,
 }
 
 impl AgentSettings {
@@ -37,6 +43,8 @@ impl AgentSettings {
             reported_tags: Vec::new(),
             tls_ca_file: None,
             shutdown_grace: Duration::from_secs(30),
+            limits: crate::sandbox::Limits::default(),
+            rootfs: None,
         }
     }
 }

@@ -65,6 +65,12 @@ error_codes! {
     SpawnFailed => "SPAWN_FAILED",
     /// The task's kind is not supported by the agent.
     KindUnsupported => "KIND_UNSUPPORTED",
+    /// The task was killed for exceeding its memory limit (OOM in its cgroup).
+    MemoryLimitExceeded => "MEMORY_LIMIT_EXCEEDED",
+    /// The task hit its process-count limit (fork failed).
+    PidsLimitExceeded => "PIDS_LIMIT_EXCEEDED",
+    /// The sandbox could not be set up (namespaces, mounts, cgroups, runtime).
+    SandboxSetupFailed => "SANDBOX_SETUP_FAILED",
     /// The requested sandbox backend is not available on the agent.
     BackendUnsupported => "BACKEND_UNSUPPORTED",
     /// The agent is at its `maxInFlight` and refused a dispatch.

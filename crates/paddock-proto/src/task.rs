@@ -71,7 +71,30 @@ pub struct SandboxSpec {
     /// Names of agent-process environment variables copied into the task's environment.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env_passthrough_allowlist: Vec<String>,
+    /// Resource limits asked by the task; each is capped by the agent's own limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsSpec>,
+    /// Keep the work directory after the run (its path is reported in a `workdir_kept` event).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_workdir: bool,
 }
+
+/// Resource limits a task asks for (process, oci and docker backends).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LimitsSpec {
+    /// Memory limit in MiB (no swap beyond it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    /// CPU quota in CPUs (0.5 = half a core).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// Most processes and threads at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u32>,
+}
+
+impl Eq for LimitsSpec {}
 
 /// The shell payload of an `agent.execute` task: either an argv or a script run by `sh -c`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +198,14 @@ impl TaskSpec {
             return Err(format!(
                 "queueTimeoutMs must be at most {MAX_TASK_TIMEOUT_MS}"
             ));
+        }
+        if let Some(l) = self.sandbox.limits {
+            if l.memory_mb == Some(0) || l.pids == Some(0) {
+                return Err("sandbox.limits: memoryMb and pids must be positive".into());
+            }
+            if l.cpus.is_some_and(|c| !(c > 0.0 && c <= 1024.0)) {
+                return Err("sandbox.limits.cpus must be in (0, 1024]".into());
+            }
         }
         if let Some(n) = self.max_attempts
             && !(1..=10).contains(&n)

@@ -111,6 +111,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<i32> {
                 }
             }),
             env_passthrough_allowlist: args.env_passthrough.clone(),
+            ..Default::default()
         },
         timeout_ms: Some(args.timeout.as_millis().max(1) as u64),
         queue_timeout_ms: Some(args.queue_timeout.as_millis() as u64),

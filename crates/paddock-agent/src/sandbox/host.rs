@@ -368,6 +368,8 @@ mod tests {
             kill_grace: Duration::from_secs(1),
             network: NetworkMode::Default,
             output_max_chars: 100_000,
+            limits: crate::sandbox::Limits::default(),
+            rootfs: None,
         }
     }
 

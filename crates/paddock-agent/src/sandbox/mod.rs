@@ -8,6 +8,7 @@
 
 pub mod host;
 pub mod output;
+pub mod policy;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -44,6 +45,49 @@ pub struct RunRequest {
     pub network: NetworkMode,
     /// Cap on captured characters, per stream. Output past the cap is read and discarded.
     pub output_max_chars: usize,
+    /// Resource limits (ignored by `host`, which has no way to enforce them).
+    pub limits: Limits,
+    /// Root filesystem to show the task; `None`: a read-only view of the host's
+    /// ([`policy::HOST_ROOT_ENTRIES`]).
+    pub rootfs: Option<PathBuf>,
+}
+
+/// Enforced resource limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Memory limit in bytes (swap included: no swap beyond it).
+    pub memory_bytes: u64,
+    /// CPU quota in thousandths of a CPU (1000 = one core).
+    pub cpu_millis: u32,
+    /// Most processes and threads at once.
+    pub pids: u32,
+}
+
+impl Default for Limits {
+    /// The seed's strict profile: 256 MiB, 1 CPU, 256 processes.
+    fn default() -> Self {
+        Limits {
+            memory_bytes: 256 * 1024 * 1024,
+            cpu_millis: 1000,
+            pids: 256,
+        }
+    }
+}
+
+impl Limits {
+    /// These limits, tightened by what a task asks for (a task never raises them).
+    pub fn tightened(self, asked: Option<paddock_proto::LimitsSpec>) -> Limits {
+        let Some(a) = asked else { return self };
+        Limits {
+            memory_bytes: a
+                .memory_mb
+                .map_or(self.memory_bytes, |m| (m.saturating_mul(1024 * 1024)).min(self.memory_bytes)),
+            cpu_millis: a
+                .cpus
+                .map_or(self.cpu_millis, |c| ((c * 1000.0).round() as u32).clamp(1, self.cpu_millis)),
+            pids: a.pids.map_or(self.pids, |p| p.min(self.pids)),
+        }
+    }
 }
 
 /// A chunk of live output, forwarded to the gateway as it is produced.
@@ -102,6 +146,9 @@ pub enum SandboxError {
     /// The request is not valid for this backend.
     #[error("invalid sandbox request: {0}")]
     Invalid(String),
+    /// Namespaces, mounts, cgroups or the container runtime failed.
+    #[error("sandbox set-up failed: {0}")]
+    Setup(String),
 }
 
 impl SandboxError {
@@ -111,6 +158,7 @@ impl SandboxError {
             SandboxError::NetworkModeUnsupported { .. } => ErrorCode::HostNetworkModeUnsupported,
             SandboxError::SpawnFailed { .. } => ErrorCode::SpawnFailed,
             SandboxError::Invalid(_) => ErrorCode::InvalidRequest,
+            SandboxError::Setup(_) => ErrorCode::SandboxSetupFailed,
         }
     }
 }
