@@ -9,6 +9,7 @@
 pub mod host;
 pub mod output;
 pub mod policy;
+pub(crate) mod supervise;
 
 use std::collections::BTreeMap;
 use std::future::Future;
