@@ -58,10 +58,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Runner {
-    /// A runner with the backends available on this machine.
+    /// A runner with only the `host` backend.
     pub fn new(settings: AgentSettings) -> Arc<Runner> {
-        let mut backends: BTreeMap<String, Arc<dyn Sandbox>> = BTreeMap::new();
-        backends.insert("host".into(), Arc::new(HostSandbox::new()));
+        Runner::with_backends(settings, vec![Arc::new(HostSandbox::new())])
+    }
+
+    /// A runner with these backends (see [`crate::sandbox::detect`]).
+    pub fn with_backends(settings: AgentSettings, list: Vec<Arc<dyn Sandbox>>) -> Arc<Runner> {
+        let backends: BTreeMap<String, Arc<dyn Sandbox>> =
+            list.into_iter().map(|b| (b.name().to_string(), b)).collect();
         Arc::new(Runner {
             settings: Arc::new(settings),
             backends,

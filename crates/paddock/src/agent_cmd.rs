@@ -14,9 +14,26 @@ use crate::client::{Api, ApiArgs};
 /// How the agent runs tasks. Every flag can also be given by the environment variable shown.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct RunSettings {
-    /// Default sandbox backend.
-    #[arg(long, env = "PADDOCK_AGENT_EXEC_BACKEND", default_value = "host", value_parser = ["host"])]
+    /// Default sandbox backend: `host` (no isolation), `process` (namespaces, cgroups,
+    /// Landlock, seccomp; needs root).
+    #[arg(long, env = "PADDOCK_AGENT_EXEC_BACKEND", default_value = "host", value_parser = ["host", "process", "oci", "docker"])]
     pub exec_backend: String,
+    /// Backends tasks may ask for (comma-separated; default: every backend available here).
+    #[arg(long, env = "PADDOCK_AGENT_BACKENDS", value_delimiter = ',')]
+    pub backends: Vec<String>,
+    /// Memory limit per task for isolating backends, in MiB (tasks may ask for less).
+    #[arg(long, env = "PADDOCK_AGENT_SANDBOX_MEMORY_MB", default_value_t = 256)]
+    pub sandbox_memory_mb: u64,
+    /// CPU quota per task, in CPUs.
+    #[arg(long, env = "PADDOCK_AGENT_SANDBOX_CPUS", default_value_t = 1.0)]
+    pub sandbox_cpus: f64,
+    /// Process limit per task.
+    #[arg(long, env = "PADDOCK_AGENT_SANDBOX_PIDS", default_value_t = 256)]
+    pub sandbox_pids: u32,
+    /// Root filesystem (a directory) for the process backend; default: a read-only view of
+    /// the host's /usr, /etc, /bin, /lib...
+    #[arg(long, env = "PADDOCK_AGENT_ROOTFS")]
+    pub rootfs: Option<PathBuf>,
     /// Root of per-run work directories (default ~/.paddock/workdir).
     #[arg(long, env = "PADDOCK_AGENT_WORKDIR_ROOT")]
     pub workdir_root: Option<PathBuf>,
@@ -60,6 +77,12 @@ impl RunSettings {
         s.reported_tags = tags;
         s.tls_ca_file = self.tls_ca_file.clone();
         s.shutdown_grace = Duration::from_secs(self.shutdown_grace_sec);
+        s.limits = paddock_agent::sandbox::Limits {
+            memory_bytes: self.sandbox_memory_mb.max(4) * 1024 * 1024,
+            cpu_millis: ((self.sandbox_cpus * 1000.0).round() as u32).max(10),
+            pids: self.sandbox_pids.max(8),
+        };
+        s.rootfs = self.rootfs.clone();
         s
     }
 }
@@ -284,7 +307,7 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<i32> {
     if args.pair_only {
         return Ok(0);
     }
-    serve(creds, args.run.settings(args.tags)).await
+    serve(creds, &args.run, args.run.settings(args.tags)).await
 }
 
 async fn start(args: StartArgs) -> anyhow::Result<i32> {
@@ -303,13 +326,26 @@ async fn start(args: StartArgs) -> anyhow::Result<i32> {
         org_id,
         agent_token: args.executor_token.clone(),
     };
-    serve(creds, args.run.settings(args.tags)).await
+    serve(creds, &args.run, args.run.settings(args.tags)).await
 }
 
-async fn serve(creds: Credentials, settings: AgentSettings) -> anyhow::Result<i32> {
+async fn serve(creds: Credentials, run: &RunSettings, settings: AgentSettings) -> anyhow::Result<i32> {
     std::fs::create_dir_all(&settings.workdir_root)
         .with_context(|| format!("creating {}", settings.workdir_root.display()))?;
-    let runner = Runner::new(settings);
+    let wanted = (!run.backends.is_empty()).then_some(run.backends.as_slice());
+    let (backends, missing) = paddock_agent::sandbox::detect(&settings, wanted, std::env::current_exe().ok());
+    for (name, why) in &missing {
+        tracing::warn!(backend = %name, "backend unavailable: {why}");
+    }
+    if !backends.iter().any(|b| b.name() == settings.exec_backend) {
+        let why = missing
+            .iter()
+            .find(|(n, _)| *n == settings.exec_backend)
+            .map_or("not enabled in PADDOCK_AGENT_BACKENDS".to_string(), |(_, w)| w.clone());
+        anyhow::bail!("default backend `{}` is unavailable: {why}", settings.exec_backend);
+    }
+    tracing::info!(backends = ?backends.iter().map(|b| b.name()).collect::<Vec<_>>(), default = %settings.exec_backend, "sandbox backends");
+    let runner = Runner::with_backends(settings, backends);
     let shutdown = CancellationToken::new();
     tokio::spawn({
         let shutdown = shutdown.clone();

@@ -9,6 +9,7 @@
 pub mod host;
 pub mod output;
 pub mod policy;
+pub mod process;
 pub(crate) mod supervise;
 
 use std::collections::BTreeMap;
@@ -189,4 +190,31 @@ pub trait Sandbox: Send + Sync {
         output: mpsc::Sender<OutputChunk>,
         cancel: CancellationToken,
     ) -> BoxFuture<'a, Result<RunOutcome, SandboxError>>;
+}
+
+/// The backends this machine can run, among `wanted` (all known ones when `None`): `host`
+/// always; `process` when running as root with usable cgroups. Returns the backends and, for
+/// each one left out, why.
+pub fn detect(
+    settings: &crate::settings::AgentSettings,
+    wanted: Option<&[String]>,
+    init_exe: Option<PathBuf>,
+) -> (Vec<std::sync::Arc<dyn Sandbox>>, Vec<(String, String)>) {
+    let want = |name: &str| wanted.is_none_or(|w| w.iter().any(|x| x == name));
+    let mut found: Vec<std::sync::Arc<dyn Sandbox>> = Vec::new();
+    let mut missing = Vec::new();
+    if want(host::HostSandbox::NAME) {
+        found.push(std::sync::Arc::new(host::HostSandbox::new()));
+    }
+    if want(process::ProcessSandbox::NAME) {
+        let scratch = settings.workdir_root.join(".process");
+        match init_exe
+            .ok_or_else(|| "no sandbox init executable".to_string())
+            .and_then(|exe| process::ProcessSandbox::detect(exe, scratch))
+        {
+            Ok(b) => found.push(std::sync::Arc::new(b)),
+            Err(e) => missing.push((process::ProcessSandbox::NAME.to_string(), e)),
+        }
+    }
+    (found, missing)
 }

@@ -1,0 +1,230 @@
+//! The `process` backend: a namespaced process sandbox with no external runtime.
+//!
+//! Per run: a cgroup with the memory, CPU and pids limits ([`cgroup`]), then the sandbox
+//! init (`paddock __sandbox-init`, [`init`]) started under the same supervision as the host
+//! backend (process group, output caps, timeout, SIGTERM then SIGKILL). The init creates
+//! mount, PID, IPC, UTS (and, for `networkMode: "none"`, network) namespaces, shows a
+//! read-only view of the root with `/work` writable and a private `/tmp`, drops to an
+//! unprivileged user, and applies rlimits, Landlock and seccomp ([`seccomp`]) before
+//! executing the task. Afterwards the cgroup tells whether the OOM killer or the pids limit
+//! struck, and everything left in it is killed.
+
+mod cgroup;
+pub mod init;
+mod seccomp;
+
+use std::path::{Path, PathBuf};
+
+use paddock_proto::{ErrorCode, NetworkMode, ResultStatus, SandboxSpec};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::policy;
+use super::supervise::supervise;
+use super::{BoxFuture, OutputChunk, RunOutcome, RunRequest, Sandbox, SandboxError};
+
+/// The `process` sandbox backend.
+#[derive(Debug)]
+pub struct ProcessSandbox {
+    init_exe: PathBuf,
+    layout: cgroup::Layout,
+    scratch: PathBuf,
+}
+
+impl ProcessSandbox {
+    /// Backend name.
+    pub const NAME: &'static str = "process";
+
+    /// Checks the host can run it: root (to create namespaces and mount), usable cgroups,
+    /// and the `paddock` executable that serves as the sandbox init. `scratch` holds per-run
+    /// mount points and status files.
+    ///
+    /// # Errors
+    /// Why the backend is unavailable.
+    pub fn detect(init_exe: PathBuf, scratch: PathBuf) -> Result<ProcessSandbox, String> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err("the process backend needs root (namespaces, mounts, cgroups)".into());
+        }
+        if !init_exe.is_file() {
+            return Err(format!("sandbox init {} not found", init_exe.display()));
+        }
+        let layout = cgroup::detect()?;
+        std::fs::create_dir_all(&scratch).map_err(|e| format!("creating {}: {e}", scratch.display()))?;
+        Ok(ProcessSandbox { init_exe, layout, scratch })
+    }
+}
+
+impl Sandbox for ProcessSandbox {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn check(&self, _spec: &SandboxSpec) -> Result<(), SandboxError> {
+        Ok(())
+    }
+
+    fn run<'a>(
+        &'a self,
+        req: RunRequest,
+        output: mpsc::Sender<OutputChunk>,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, Result<RunOutcome, SandboxError>> {
+        Box::pin(self.run_process(req, output, cancel))
+    }
+}
+
+/// Removes the run's cgroup and scratch directory, also when the run future is dropped.
+struct RunGuard {
+    cgroup: Option<cgroup::Cgroup>,
+    scratch: PathBuf,
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        if let Some(cg) = self.cgroup.take() {
+            cg.kill_all();
+            cg.remove();
+        }
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+}
+
+/// What the init reported in the status file.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Reported {
+    setup: Option<String>,
+    spawn: Option<String>,
+    exit: Option<i32>,
+    signal: Option<i32>,
+}
+
+fn read_status(path: &Path) -> Reported {
+    let mut r = Reported::default();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        let (kind, rest) = line.split_once(' ').unwrap_or((line, ""));
+        match kind {
+            "setup" => r.setup = Some(rest.to_string()),
+            "spawn" => r.spawn = Some(rest.to_string()),
+            "exit" => r.exit = rest.parse().ok(),
+            "signal" => r.signal = rest.parse().ok(),
+            _ => {}
+        }
+    }
+    r
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect()
+}
+
+impl ProcessSandbox {
+    async fn run_process(
+        &self,
+        req: RunRequest,
+        output: mpsc::Sender<OutputChunk>,
+        cancel: CancellationToken,
+    ) -> Result<RunOutcome, SandboxError> {
+        if req.argv.is_empty() {
+            return Err(SandboxError::Invalid("argv is empty".into()));
+        }
+        let id = sanitize(&format!("{}-{}", req.task_id, req.attempt));
+        let scratch = self.scratch.join(&id);
+        let _ = std::fs::remove_dir_all(&scratch);
+        let new_root = scratch.join("root");
+        std::fs::create_dir_all(&new_root).map_err(|e| SandboxError::Setup(format!("creating {}: {e}", new_root.display())))?;
+        let mut guard = RunGuard { cgroup: None, scratch: scratch.clone() };
+        nix::unistd::chown(
+            &req.workdir,
+            Some(nix::unistd::Uid::from_raw(policy::SANDBOX_UID)),
+            Some(nix::unistd::Gid::from_raw(policy::SANDBOX_GID)),
+        )
+        .map_err(|e| SandboxError::Setup(format!("chown {}: {e}", req.workdir.display())))?;
+        let cg = cgroup::Cgroup::create(&self.layout, &id, &req.limits).map_err(SandboxError::Setup)?;
+        let status_file = scratch.join("status");
+        let spec = init::InitSpec {
+            argv: req.argv.clone(),
+            env: req.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            rootfs: req.rootfs.clone().unwrap_or_else(|| PathBuf::from("/")),
+            new_root,
+            workdir: req.workdir.clone(),
+            network_none: req.network == NetworkMode::None,
+            cgroup_procs: cg.procs_files(),
+            uid: policy::SANDBOX_UID,
+            gid: policy::SANDBOX_GID,
+            hostname: policy::SANDBOX_HOSTNAME.into(),
+            status_file: status_file.clone(),
+        };
+        guard.cgroup = Some(cg);
+        let json = serde_json::to_string(&spec).map_err(|e| SandboxError::Setup(e.to_string()))?;
+        let mut cmd = Command::new(&self.init_exe);
+        cmd.arg(init::INIT_ARG).env_clear().env(init::SPEC_ENV, json);
+        let limits = req.limits;
+        let program = req.argv[0].clone();
+        let mut outcome = supervise(cmd, &program, req, output, cancel).await?;
+
+        // Whatever is still in the cgroup goes; then read what happened.
+        let cg = guard.cgroup.take();
+        let (oom_kills, pids_hits) = match &cg {
+            Some(cg) => {
+                cg.kill_all();
+                (cg.oom_kills(), cg.pids_limit_hits())
+            }
+            None => (0, 0),
+        };
+        if let Some(cg) = &cg {
+            cg.remove();
+        }
+        let reported = read_status(&status_file);
+        drop(guard);
+        if let Some(msg) = reported.setup {
+            return Err(SandboxError::Setup(msg));
+        }
+        if let Some(msg) = reported.spawn {
+            return Err(SandboxError::SpawnFailed { program, reason: msg });
+        }
+        if let Some(sig) = reported.signal {
+            outcome.exit_code = None;
+            outcome.signal = Some(sig);
+        } else if let Some(code) = reported.exit {
+            outcome.exit_code = Some(code);
+            outcome.signal = None;
+        }
+        if outcome.status == ResultStatus::Failed || outcome.status == ResultStatus::Succeeded {
+            if oom_kills > 0 {
+                outcome.status = ResultStatus::Failed;
+                outcome.error_code = Some(ErrorCode::MemoryLimitExceeded);
+                outcome.error_message = Some(format!(
+                    "killed by the OOM killer: over the {} MiB memory limit",
+                    limits.memory_bytes / (1024 * 1024)
+                ));
+            } else if pids_hits > 0 && outcome.status == ResultStatus::Failed {
+                outcome.error_code = Some(ErrorCode::PidsLimitExceeded);
+                outcome.error_message = Some(format!(
+                    "process limit of {} reached ({pids_hits} forks refused)",
+                    limits.pids
+                ));
+            }
+        }
+        Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines_parse() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        std::fs::write(&p, "spawn cannot execute x: ENOENT\nexit 127\n").unwrap();
+        let r = read_status(&p);
+        assert_eq!(r.spawn.as_deref(), Some("cannot execute x: ENOENT"));
+        assert_eq!(r.exit, Some(127));
+        std::fs::write(&p, "signal 9\n").unwrap();
+        assert_eq!(read_status(&p).signal, Some(9));
+        assert_eq!(read_status(&dir.path().join("missing")), Reported::default());
+        assert_eq!(sanitize("a/b-1"), "a_b-1");
+    }
+}
