@@ -381,7 +381,19 @@ impl Runner {
             }
         };
         let (outcome, ()) = tokio::join!(backend.run(req, tx, cancel), forward);
-        if let Err(e) = std::fs::remove_dir_all(&workdir) {
+        if d.spec.sandbox.keep_workdir {
+            self.push(
+                &d.task_id,
+                d.attempt,
+                AgentMessage::Event(paddock_proto::Event {
+                    task_id: d.task_id.clone(),
+                    attempt: d.attempt,
+                    name: "workdir_kept".into(),
+                    payload: serde_json::json!({ "path": workdir.display().to_string() }),
+                }),
+                false,
+            );
+        } else if let Err(e) = std::fs::remove_dir_all(&workdir) {
             tracing::warn!(task = %d.task_id, "could not remove work directory: {e}");
         }
         match outcome {

@@ -529,3 +529,48 @@ async fn cancel_running_task_kills_it(db: Db) {
         (200, Some("canceled"))
     );
 }
+
+/// Backends are declared in `hello` and route work: a task asking for `process` runs only on
+/// an agent that offers it, isolated; `host` refuses `networkMode: none`, `process` enforces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_route_to_agents_offering_their_backend() {
+    if !nix::unistd::geteuid().is_root() {
+        assert!(std::env::var("CI").is_err(), "CI runs as root");
+        eprintln!("skipping: the process backend needs root");
+        return;
+    }
+    let Some((_gw, org, _d)) = setup(Db::Sqlite, &[]).await else { return };
+    let host_only = AgentProc::pair(&org, &[], &[("PADDOCK_AGENT_BACKENDS", "host")]).await;
+    let isolated = AgentProc::pair(&org, &[], &[("PADDOCK_AGENT_EXEC_BACKEND", "process")]).await;
+    let caps = org.agent(&isolated.id).await["capabilities"]["backends"].clone();
+    assert_eq!(caps[0], "process", "the default backend is declared first: {caps}");
+    assert_eq!(org.agent(&host_only.id).await["capabilities"]["backends"], json!(["host"]));
+    for _ in 0..3 {
+        let r = org
+            .post(&org.p("/tasks/run"), json!({"kind": "agent.execute", "sandbox": {"backend": "process", "networkMode": "none"},
+                "shell": {"script": "id -u; cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '"}}))
+            .await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.body["agentId"].as_str(), Some(isolated.id.as_str()));
+        assert_eq!(r.body["result"]["stdout"], "65534\nlo\n", "{r:?}");
+    }
+    // Limits asked by the task are enforced (and reported with their code).
+    let r = org
+        .post(&org.p("/tasks/run"), json!({"kind": "agent.execute", "sandbox": {"backend": "process", "limits": {"memoryMb": 32}},
+            "shell": {"script": "dd if=/dev/zero of=/dev/null bs=200M count=1"}}))
+        .await;
+    assert_eq!(r.body["errorCode"], "MEMORY_LIMIT_EXCEEDED", "{r:?}");
+    // keepWorkdir: the directory survives and its path is reported as an event.
+    let r = org
+        .post(&org.p("/tasks/run"), json!({"kind": "agent.execute", "sandbox": {"backend": "process", "keepWorkdir": true},
+            "shell": {"script": "echo artifact > out.txt"}}))
+        .await;
+    let id = r.body["id"].as_str().unwrap();
+    let events = org.get(&org.p(&format!("/tasks/{id}/events"))).await.body;
+    let kept = events["events"].as_array().unwrap().iter().find(|e| e["name"] == "workdir_kept").expect("workdir_kept event");
+    let path = std::path::Path::new(kept["payload"]["path"].as_str().unwrap());
+    assert_eq!(std::fs::read_to_string(path.join("out.txt")).unwrap(), "artifact\n");
+    // No agent offers `vm`.
+    let r = org.post(&org.p("/tasks/run"), json!({"kind": "agent.execute", "sandbox": {"backend": "vm"}, "shell": {"argv": ["true"]}})).await;
+    assert_eq!((r.status, r.code()), (503, "NO_AGENT_AVAILABLE"));
+}
