@@ -7,7 +7,9 @@
 # What it sets up when missing (idempotent, safe to re-run):
 #   - PostgreSQL 15 (apt), started as a throwaway cluster in a temp dir on a free loopback
 #     port (initdb + pg_ctl, fsync off), stopped again on exit;
-#   - nothing else yet: later issues add crun/runc, dockerd and the S3 server here.
+#   - the sandbox runtimes (apt): crun, runc, docker.io, bubblewrap, busybox-static; the
+#     hugetlb cgroup-v1 mount crun needs on hybrid hosts; dockerd (started if not running,
+#     stopped again on exit); the local image `paddock/busybox:test` (no registry needed).
 # Environment it exports to the tests:
 #   PADDOCK_TEST_PG_URL   admin URL of the throwaway cluster (each test creates its own DB)
 # CARGO_TARGET_DIR defaults to /var/cache/paddock-target (kept between runs; may be empty).
@@ -52,6 +54,7 @@ fi
 cleanup() {
   "${as_pg[@]}" "$pg_bin/pg_ctl" -D "$pg_dir/data" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$pg_dir"
+  if [ -n "${dockerd_pid:-}" ]; then kill "$dockerd_pid" 2>/dev/null || true; wait "$dockerd_pid" 2>/dev/null || true; fi
 }
 trap cleanup EXIT
 log "starting throwaway PostgreSQL on 127.0.0.1:$pg_port"
@@ -60,6 +63,36 @@ log "starting throwaway PostgreSQL on 127.0.0.1:$pg_port"
   -o "-p $pg_port -k $pg_dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400" \
   start >/dev/null
 export PADDOCK_TEST_PG_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
+
+# --- sandbox runtimes ---------------------------------------------------------------
+need_apt crun crun
+need_apt runc runc
+need_apt dockerd docker.io
+need_apt bwrap bubblewrap
+need_apt /bin/busybox busybox-static
+# crun refuses cgroup-v1 hybrid hosts until hugetlb is a v1 hierarchy (see DESIGN.md).
+if [ "$(id -u)" = 0 ] && [ -d /sys/fs/cgroup/memory ] && ! mountpoint -q /sys/fs/cgroup/hugetlb; then
+  mkdir -p /sys/fs/cgroup/hugetlb
+  mount -t cgroup -o hugetlb cgroup /sys/fs/cgroup/hugetlb || log "warning: could not mount the hugetlb cgroup"
+fi
+dockerd_pid=""
+if ! docker info >/dev/null 2>&1; then
+  log "starting dockerd"
+  dockerd --data-root /var/lib/docker --exec-root /var/run/docker -p /var/run/docker-paddock-test.pid \
+    >/tmp/paddock-dockerd.log 2>&1 &
+  dockerd_pid=$!
+  for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
+  docker info >/dev/null 2>&1 || { log "dockerd did not start:"; tail -20 /tmp/paddock-dockerd.log >&2; exit 1; }
+fi
+if ! docker image inspect paddock/busybox:test >/dev/null 2>&1; then
+  log "building the local test image paddock/busybox:test"
+  img=$(mktemp -d)
+  mkdir -p "$img/bin"
+  cp /bin/busybox "$img/bin/busybox"
+  for a in $("$img/bin/busybox" --list); do [ -e "$img/bin/$a" ] || ln -s busybox "$img/bin/$a"; done
+  tar -C "$img" -c . | docker import - paddock/busybox:test >/dev/null
+  rm -rf "$img"
+fi
 
 # --- checks and tests -----------------------------------------------------------------
 log "cargo fmt --check"
