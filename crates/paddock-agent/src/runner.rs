@@ -65,8 +65,10 @@ impl Runner {
 
     /// A runner with these backends (see [`crate::sandbox::detect`]).
     pub fn with_backends(settings: AgentSettings, list: Vec<Arc<dyn Sandbox>>) -> Arc<Runner> {
-        let backends: BTreeMap<String, Arc<dyn Sandbox>> =
-            list.into_iter().map(|b| (b.name().to_string(), b)).collect();
+        let backends: BTreeMap<String, Arc<dyn Sandbox>> = list
+            .into_iter()
+            .map(|b| (b.name().to_string(), b))
+            .collect();
         Arc::new(Runner {
             settings: Arc::new(settings),
             backends,
@@ -341,11 +343,22 @@ impl Runner {
                 format!("cannot create work directory: {e}"),
             );
         }
+        let inside = backend
+            .workdir_inside()
+            .map_or_else(|| workdir.display().to_string(), str::to_string);
         let env = build_env(
-            &workdir,
+            &inside,
             &d,
             &shell.env,
             &d.spec.sandbox.env_passthrough_allowlist,
+        );
+        let timeout = d.spec.timeout_ms.map_or_else(
+            || {
+                backend
+                    .default_timeout()
+                    .unwrap_or(std::time::Duration::from_millis(d.spec.timeout_ms()))
+            },
+            std::time::Duration::from_millis,
         );
         let req = RunRequest {
             task_id: d.task_id.clone(),
@@ -354,7 +367,7 @@ impl Runner {
             env,
             stdin: shell.stdin.clone(),
             workdir: workdir.clone(),
-            timeout: std::time::Duration::from_millis(d.spec.timeout_ms()),
+            timeout,
             kill_grace: self.settings.host_kill_grace,
             network: d.spec.sandbox.network_mode.unwrap_or(NetworkMode::Default),
             output_max_chars: self.settings.host_output_max_chars,
@@ -420,18 +433,18 @@ impl Runner {
 /// The task's environment: a minimal base, then allowlisted agent variables, then the
 /// task's own variables. Nothing else from the agent's environment leaks in.
 fn build_env(
-    workdir: &std::path::Path,
+    workdir: &str,
     d: &Dispatch,
     task_env: &BTreeMap<String, String>,
     allowlist: &[String],
 ) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     env.insert("PATH".into(), DEFAULT_PATH.into());
-    env.insert("HOME".into(), workdir.display().to_string());
+    env.insert("HOME".into(), workdir.to_string());
     env.insert("LANG".into(), "C.UTF-8".into());
     env.insert("PADDOCK_TASK_ID".into(), d.task_id.clone());
     env.insert("PADDOCK_TASK_ATTEMPT".into(), d.attempt.to_string());
-    env.insert("PADDOCK_WORKDIR".into(), workdir.display().to_string());
+    env.insert("PADDOCK_WORKDIR".into(), workdir.to_string());
     for key in allowlist {
         if let Some(v) = std::env::var_os(key) {
             env.insert(key.clone(), v.to_string_lossy().into_owned());

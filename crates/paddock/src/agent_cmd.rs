@@ -34,6 +34,47 @@ pub(crate) struct RunSettings {
     /// the host's /usr, /etc, /bin, /lib...
     #[arg(long, env = "PADDOCK_AGENT_ROOTFS")]
     pub rootfs: Option<PathBuf>,
+    /// OCI runtime for the oci backend: `crun`, `runc` or a path (default: crun if found,
+    /// else runc).
+    #[arg(long, env = "PADDOCK_AGENT_OCI_RUNTIME")]
+    pub oci_runtime: Option<PathBuf>,
+    /// Image for the docker backend (must exist locally or be pullable by dockerd).
+    #[arg(
+        long,
+        env = "PADDOCK_AGENT_DOCKER_IMAGE",
+        default_value = "node:24-alpine"
+    )]
+    pub docker_image: String,
+    /// Network of docker tasks that do not ask for `none` (`none`, `bridge`, a network name).
+    #[arg(
+        long,
+        env = "PADDOCK_AGENT_DOCKER_NETWORK_DEFAULT",
+        default_value = "none"
+    )]
+    pub docker_network_default: String,
+    /// Timeout of docker tasks that give none (ms).
+    #[arg(
+        long,
+        env = "PADDOCK_AGENT_DOCKER_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub docker_timeout_ms: u64,
+    /// Memory cap of docker tasks (MiB).
+    #[arg(long, env = "PADDOCK_AGENT_DOCKER_MEMORY_MB", default_value_t = 256)]
+    pub docker_memory_mb: u64,
+    /// CPU cap of docker tasks.
+    #[arg(long, env = "PADDOCK_AGENT_DOCKER_CPUS", default_value_t = 1.0)]
+    pub docker_cpus: f64,
+    /// Process cap of docker tasks.
+    #[arg(long, env = "PADDOCK_AGENT_DOCKER_PIDS", default_value_t = 256)]
+    pub docker_pids: u32,
+    /// Output cap per stream of docker tasks (characters).
+    #[arg(
+        long,
+        env = "PADDOCK_AGENT_DOCKER_OUTPUT_MAX_CHARS",
+        default_value_t = 65_536
+    )]
+    pub docker_output_max_chars: usize,
     /// Root of per-run work directories (default ~/.paddock/workdir).
     #[arg(long, env = "PADDOCK_AGENT_WORKDIR_ROOT")]
     pub workdir_root: Option<PathBuf>,
@@ -329,11 +370,33 @@ async fn start(args: StartArgs) -> anyhow::Result<i32> {
     serve(creds, &args.run, args.run.settings(args.tags)).await
 }
 
-async fn serve(creds: Credentials, run: &RunSettings, settings: AgentSettings) -> anyhow::Result<i32> {
+async fn serve(
+    creds: Credentials,
+    run: &RunSettings,
+    settings: AgentSettings,
+) -> anyhow::Result<i32> {
     std::fs::create_dir_all(&settings.workdir_root)
         .with_context(|| format!("creating {}", settings.workdir_root.display()))?;
     let wanted = (!run.backends.is_empty()).then_some(run.backends.as_slice());
-    let (backends, missing) = paddock_agent::sandbox::detect(&settings, wanted, std::env::current_exe().ok());
+    let docker = paddock_agent::sandbox::docker::DockerConfig {
+        image: run.docker_image.clone(),
+        network_default: run.docker_network_default.clone(),
+        timeout_ms: run.docker_timeout_ms,
+        memory_mb: run.docker_memory_mb,
+        cpus: run.docker_cpus,
+        pids: run.docker_pids,
+        output_max_chars: run
+            .docker_output_max_chars
+            .clamp(1, paddock_proto::MAX_OUTPUT_CHARS),
+    };
+    let (backends, missing) = paddock_agent::sandbox::detect(
+        &settings,
+        wanted,
+        std::env::current_exe().ok(),
+        run.oci_runtime.clone(),
+        docker,
+    )
+    .await;
     for (name, why) in &missing {
         tracing::warn!(backend = %name, "backend unavailable: {why}");
     }
@@ -341,8 +404,14 @@ async fn serve(creds: Credentials, run: &RunSettings, settings: AgentSettings) -
         let why = missing
             .iter()
             .find(|(n, _)| *n == settings.exec_backend)
-            .map_or("not enabled in PADDOCK_AGENT_BACKENDS".to_string(), |(_, w)| w.clone());
-        anyhow::bail!("default backend `{}` is unavailable: {why}", settings.exec_backend);
+            .map_or(
+                "not enabled in PADDOCK_AGENT_BACKENDS".to_string(),
+                |(_, w)| w.clone(),
+            );
+        anyhow::bail!(
+            "default backend `{}` is unavailable: {why}",
+            settings.exec_backend
+        );
     }
     tracing::info!(backends = ?backends.iter().map(|b| b.name()).collect::<Vec<_>>(), default = %settings.exec_backend, "sandbox backends");
     let runner = Runner::with_backends(settings, backends);

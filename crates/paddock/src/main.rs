@@ -54,7 +54,10 @@ enum Command {
 fn main() {
     // The sandbox init must stay single-threaded (it forks into new namespaces): dispatch it
     // before argument parsing and before any runtime starts.
-    if std::env::args_os().nth(1).is_some_and(|a| a == paddock_agent::sandbox::process::init::INIT_ARG) {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == paddock_agent::sandbox::process::init::INIT_ARG)
+    {
         paddock_agent::sandbox::process::init::init_main();
     }
     let cli = Cli::parse();

@@ -539,12 +539,20 @@ async fn tasks_route_to_agents_offering_their_backend() {
         eprintln!("skipping: the process backend needs root");
         return;
     }
-    let Some((_gw, org, _d)) = setup(Db::Sqlite, &[]).await else { return };
+    let Some((_gw, org, _d)) = setup(Db::Sqlite, &[]).await else {
+        return;
+    };
     let host_only = AgentProc::pair(&org, &[], &[("PADDOCK_AGENT_BACKENDS", "host")]).await;
     let isolated = AgentProc::pair(&org, &[], &[("PADDOCK_AGENT_EXEC_BACKEND", "process")]).await;
     let caps = org.agent(&isolated.id).await["capabilities"]["backends"].clone();
-    assert_eq!(caps[0], "process", "the default backend is declared first: {caps}");
-    assert_eq!(org.agent(&host_only.id).await["capabilities"]["backends"], json!(["host"]));
+    assert_eq!(
+        caps[0], "process",
+        "the default backend is declared first: {caps}"
+    );
+    assert_eq!(
+        org.agent(&host_only.id).await["capabilities"]["backends"],
+        json!(["host"])
+    );
     for _ in 0..3 {
         let r = org
             .post(&org.p("/tasks/run"), json!({"kind": "agent.execute", "sandbox": {"backend": "process", "networkMode": "none"},
@@ -562,14 +570,25 @@ async fn tasks_route_to_agents_offering_their_backend() {
     assert_eq!(r.body["errorCode"], "MEMORY_LIMIT_EXCEEDED", "{r:?}");
     // keepWorkdir: the directory survives and its path is reported as an event.
     let r = org
-        .post(&org.p("/tasks/run"), json!({"kind": "agent.execute", "sandbox": {"backend": "process", "keepWorkdir": true},
-            "shell": {"script": "echo artifact > out.txt"}}))
+        .post(
+            &org.p("/tasks/run"),
+            json!({"kind": "agent.execute", "sandbox": {"backend": "process", "keepWorkdir": true},
+            "shell": {"script": "echo artifact > out.txt"}}),
+        )
         .await;
     let id = r.body["id"].as_str().unwrap();
     let events = org.get(&org.p(&format!("/tasks/{id}/events"))).await.body;
-    let kept = events["events"].as_array().unwrap().iter().find(|e| e["name"] == "workdir_kept").expect("workdir_kept event");
+    let kept = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "workdir_kept")
+        .expect("workdir_kept event");
     let path = std::path::Path::new(kept["payload"]["path"].as_str().unwrap());
-    assert_eq!(std::fs::read_to_string(path.join("out.txt")).unwrap(), "artifact\n");
+    assert_eq!(
+        std::fs::read_to_string(path.join("out.txt")).unwrap(),
+        "artifact\n"
+    );
     // No agent offers `vm`.
     let r = org.post(&org.p("/tasks/run"), json!({"kind": "agent.execute", "sandbox": {"backend": "vm"}, "shell": {"argv": ["true"]}})).await;
     assert_eq!((r.status, r.code()), (503, "NO_AGENT_AVAILABLE"));

@@ -24,7 +24,10 @@ fn unavailable(name: &str, why: &str) -> Option<Arc<dyn Sandbox>> {
 }
 
 async fn process_backend(scratch: &std::path::Path) -> Option<Arc<dyn Sandbox>> {
-    match paddock_agent::sandbox::process::ProcessSandbox::detect(env!("CARGO_BIN_EXE_paddock").into(), scratch.join("scratch")) {
+    match paddock_agent::sandbox::process::ProcessSandbox::detect(
+        env!("CARGO_BIN_EXE_paddock").into(),
+        scratch.join("scratch"),
+    ) {
         Ok(b) => Some(Arc::new(b)),
         Err(e) => unavailable("process", &e),
     }
@@ -44,14 +47,21 @@ fn case(script: &str) -> Case {
         task_id: format!("esc{}", uuid::Uuid::new_v4().simple()),
         attempt: 1,
         argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-        env: BTreeMap::from([("PATH".to_string(), PATH.to_string()), ("HOME".to_string(), "/work".to_string())]),
+        env: BTreeMap::from([
+            ("PATH".to_string(), PATH.to_string()),
+            ("HOME".to_string(), "/work".to_string()),
+        ]),
         stdin: None,
         workdir,
         timeout: Duration::from_secs(20),
         kill_grace: Duration::from_millis(300),
         network: NetworkMode::None,
         output_max_chars: 65_536,
-        limits: Limits { memory_bytes: 128 << 20, cpu_millis: 1000, pids: 64 },
+        limits: Limits {
+            memory_bytes: 128 << 20,
+            cpu_millis: 1000,
+            pids: 64,
+        },
         rootfs: None,
     };
     Case { dir, req }
@@ -60,7 +70,10 @@ fn case(script: &str) -> Case {
 async fn run(b: &Arc<dyn Sandbox>, req: RunRequest) -> RunOutcome {
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
     let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
-    let out = b.run(req, tx, tokio_util::sync::CancellationToken::new()).await.expect("run starts");
+    let out = b
+        .run(req, tx, tokio_util::sync::CancellationToken::new())
+        .await
+        .expect("run starts");
     drain.await.unwrap();
     out
 }
@@ -69,11 +82,20 @@ async fn run(b: &Arc<dyn Sandbox>, req: RunRequest) -> RunOutcome {
 fn host_processes_with(needle: &str) -> Vec<i32> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         let state = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        let zombie = state.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'));
-        if !zombie && String::from_utf8_lossy(&cmdline).replace('\0', " ").contains(needle) {
+        let zombie = state
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'));
+        if !zombie
+            && String::from_utf8_lossy(&cmdline)
+                .replace('\0', " ")
+                .contains(needle)
+        {
             found.push(pid);
         }
     }
@@ -109,7 +131,9 @@ macro_rules! escape_suite {
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn fork_loop_hits_the_pids_limit() {
-                let c = case("i=0; while [ $i -lt 200 ]; do (sleep 3017 &) 2>/dev/null || { echo fork-refused; exit 3; }; i=$((i+1)); done; echo all-forked");
+                // The shell's own "can't fork" message stays on stderr: the docker backend has
+                // no cgroup counter to read after the container is gone and relies on it.
+                let c = case("i=0; while [ $i -lt 200 ]; do (sleep 3017 &) || { echo fork-refused; exit 3; }; i=$((i+1)); done; echo all-forked");
                 let Some(b) = backend(c.dir.path()).await else { return };
                 let mut req = c.req.clone();
                 req.limits.pids = 32;
@@ -137,15 +161,16 @@ macro_rules! escape_suite {
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn cpu_quota_is_honoured() {
-                // Busy for 2 s of wall time with a quota of half a CPU: about 1 s of CPU.
-                let c = case("end=$(( $(date +%s%N) + 2000000000 )); while [ $(date +%s%N) -lt $end ]; do :; done; cat /proc/self/stat >/dev/null; times");
+                // Busy for 2-3 s of wall time with a quota of half a CPU: CPU time about half
+                // the wall time (`times` sums the shell and its children).
+                let c = case("end=$(( $(date +%s) + 3 )); while [ $(date +%s) -lt $end ]; do :; done; times");
                 let Some(b) = backend(c.dir.path()).await else { return };
                 let mut req = c.req.clone();
                 req.limits.cpu_millis = 500;
                 let out = run(&b, req).await;
                 assert_eq!(out.status, ResultStatus::Succeeded, "{out:?}");
-                // `times`: shell user/sys, then children user/sys, like "0m1.23s 0m0.10s".
-                let secs: f64 = out
+                let wall = (out.finished_at_ms - out.started_at_ms) as f64 / 1000.0;
+                let cpu: f64 = out
                     .stdout
                     .split_whitespace()
                     .map(|t| {
@@ -154,8 +179,8 @@ macro_rules! escape_suite {
                         m.parse::<f64>().unwrap() * 60.0 + s.parse::<f64>().unwrap()
                     })
                     .sum();
-                assert!(secs > 0.3, "the loop should have used CPU: {secs} ({})", out.stdout);
-                assert!(secs < 1.4, "0.5 CPU for 2 s must stay near 1 s of CPU, used {secs} s ({})", out.stdout);
+                assert!(cpu > 0.3, "the loop should have used CPU: {cpu} s in {wall} s ({})", out.stdout);
+                assert!(cpu <= 0.5 * wall + 0.35, "a 0.5 CPU quota over {wall:.2} s allows about {:.2} s, used {cpu:.2} s", 0.5 * wall);
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,7 +269,12 @@ macro_rules! escape_suite {
                 let mut req = c.req.clone();
                 req.env.insert("ALLOWED".into(), "1".into());
                 let out = run(&b, req.clone()).await;
-                let mut lines: Vec<&str> = out.stdout.lines().filter(|l| !l.starts_with("PWD=") && !l.starts_with("SHLVL=") && !l.starts_with("_=")).collect();
+                // The shell adds PWD/SHLVL/_; Docker adds HOSTNAME. Nothing of the agent's own.
+                let mut lines: Vec<&str> = out
+                    .stdout
+                    .lines()
+                    .filter(|l| !["PWD=", "SHLVL=", "_=", "HOSTNAME="].iter().any(|p| l.starts_with(p)))
+                    .collect();
                 lines.sort_unstable();
                 let mut expected: Vec<String> = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 expected.sort();
@@ -253,7 +283,7 @@ macro_rules! escape_suite {
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn nothing_survives_the_task() {
-                let c = case("sleep 3021 & (setsid sleep 3022 &) ; nohup sleep 3023 >/dev/null 2>&1 & echo started");
+                let c = case("sleep 3021 & (setsid sleep 3022 &) ; (trap '' HUP; sleep 3023) >/dev/null 2>&1 & echo started");
                 let Some(b) = backend(c.dir.path()).await else { return };
                 let out = run(&b, c.req.clone()).await;
                 assert_eq!((out.status, out.stdout.as_str()), (ResultStatus::Succeeded, "started\n"), "{out:?}");
@@ -278,8 +308,57 @@ fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0)))
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")
+                .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
+        })
         .unwrap_or(0)
 }
 
+async fn docker_backend(_scratch: &std::path::Path) -> Option<Arc<dyn Sandbox>> {
+    use paddock_agent::sandbox::docker::{DockerConfig, DockerSandbox};
+    // No caps from the config: the suite's RunRequest limits apply as given.
+    let cfg = DockerConfig {
+        image: "paddock/busybox:test".into(),
+        memory_mb: 0,
+        cpus: 0.0,
+        pids: 0,
+        ..DockerConfig::default()
+    };
+    match DockerSandbox::connect(cfg).await {
+        Ok(b) if b.image_present() => Some(Arc::new(b)),
+        Ok(_) => unavailable(
+            "docker",
+            "image paddock/busybox:test missing (scripts/test.sh builds it)",
+        ),
+        Err(e) => unavailable("docker", &e),
+    }
+}
+
+async fn oci_backend(scratch: &std::path::Path, runtime: &str) -> Option<Arc<dyn Sandbox>> {
+    use paddock_agent::sandbox::oci::{OciConfig, OciSandbox};
+    let cfg = OciConfig {
+        runtime: Some(runtime.into()),
+        state_dir: scratch.join("oci-state"),
+    };
+    match tokio::task::spawn_blocking(move || OciSandbox::detect(cfg))
+        .await
+        .unwrap()
+    {
+        Ok(b) => Some(Arc::new(b)),
+        Err(e) => unavailable(&format!("oci/{runtime}"), &e),
+    }
+}
+
+async fn oci_crun_backend(scratch: &std::path::Path) -> Option<Arc<dyn Sandbox>> {
+    oci_backend(scratch, "crun").await
+}
+
+async fn oci_runc_backend(scratch: &std::path::Path) -> Option<Arc<dyn Sandbox>> {
+    oci_backend(scratch, "runc").await
+}
+
 escape_suite!(process, process_backend);
+escape_suite!(oci_crun, oci_crun_backend);
+escape_suite!(oci_runc, oci_runc_backend);
+escape_suite!(docker, docker_backend);

@@ -33,6 +33,10 @@ impl Sandbox for HostSandbox {
         Self::NAME
     }
 
+    fn workdir_inside(&self) -> Option<&'static str> {
+        None
+    }
+
     fn check(&self, spec: &SandboxSpec) -> Result<(), SandboxError> {
         if spec.network_mode == Some(NetworkMode::None) {
             return Err(SandboxError::NetworkModeUnsupported {

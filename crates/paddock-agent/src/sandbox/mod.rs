@@ -6,7 +6,9 @@
 //! the runner; a backend only starts, watches, caps and kills. Issue 2 ships `host`; the
 //! `process`, `oci`, `docker` and `vm` backends implement the same trait.
 
+pub mod docker;
 pub mod host;
+pub mod oci;
 pub mod output;
 pub mod policy;
 pub mod process;
@@ -81,12 +83,12 @@ impl Limits {
     pub fn tightened(self, asked: Option<paddock_proto::LimitsSpec>) -> Limits {
         let Some(a) = asked else { return self };
         Limits {
-            memory_bytes: a
-                .memory_mb
-                .map_or(self.memory_bytes, |m| (m.saturating_mul(1024 * 1024)).min(self.memory_bytes)),
-            cpu_millis: a
-                .cpus
-                .map_or(self.cpu_millis, |c| ((c * 1000.0).round() as u32).clamp(1, self.cpu_millis)),
+            memory_bytes: a.memory_mb.map_or(self.memory_bytes, |m| {
+                (m.saturating_mul(1024 * 1024)).min(self.memory_bytes)
+            }),
+            cpu_millis: a.cpus.map_or(self.cpu_millis, |c| {
+                ((c * 1000.0).round() as u32).clamp(1, self.cpu_millis)
+            }),
             pids: a.pids.map_or(self.pids, |p| p.min(self.pids)),
         }
     }
@@ -180,6 +182,18 @@ pub trait Sandbox: Send + Sync {
     /// The reason, with its code.
     fn check(&self, spec: &SandboxSpec) -> Result<(), SandboxError>;
 
+    /// Where the task sees its work directory (`HOME` and `PADDOCK_WORKDIR` point there):
+    /// `None` for the host path itself (the `host` backend), `/work` for isolating backends.
+    fn workdir_inside(&self) -> Option<&'static str> {
+        Some(policy::WORK_DIR)
+    }
+
+    /// Timeout for tasks that give none (`PADDOCK_AGENT_DOCKER_TIMEOUT_MS` for `docker`);
+    /// `None`: the protocol's default.
+    fn default_timeout(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// Runs one attempt to completion: starts the process, forwards output chunks to
     /// `output` (until the cap), enforces the timeout, and honours `cancel` by killing the
     /// process tree (SIGTERM, then SIGKILL after the grace). No process the task started
@@ -192,14 +206,19 @@ pub trait Sandbox: Send + Sync {
     ) -> BoxFuture<'a, Result<RunOutcome, SandboxError>>;
 }
 
+/// Backends found on this machine, and for each one left out, why.
+pub type Detected = (Vec<std::sync::Arc<dyn Sandbox>>, Vec<(String, String)>);
+
 /// The backends this machine can run, among `wanted` (all known ones when `None`): `host`
-/// always; `process` when running as root with usable cgroups. Returns the backends and, for
-/// each one left out, why.
-pub fn detect(
+/// always; `process` when running as root with usable cgroups; `oci` when crun or runc works
+/// (`oci_runtime` picks one); `docker` when dockerd answers.
+pub async fn detect(
     settings: &crate::settings::AgentSettings,
     wanted: Option<&[String]>,
     init_exe: Option<PathBuf>,
-) -> (Vec<std::sync::Arc<dyn Sandbox>>, Vec<(String, String)>) {
+    oci_runtime: Option<PathBuf>,
+    docker: docker::DockerConfig,
+) -> Detected {
     let want = |name: &str| wanted.is_none_or(|w| w.iter().any(|x| x == name));
     let mut found: Vec<std::sync::Arc<dyn Sandbox>> = Vec::new();
     let mut missing = Vec::new();
@@ -214,6 +233,23 @@ pub fn detect(
         {
             Ok(b) => found.push(std::sync::Arc::new(b)),
             Err(e) => missing.push((process::ProcessSandbox::NAME.to_string(), e)),
+        }
+    }
+    if want(oci::OciSandbox::NAME) {
+        let cfg = oci::OciConfig {
+            runtime: oci_runtime,
+            state_dir: settings.workdir_root.join(".oci"),
+        };
+        match tokio::task::spawn_blocking(move || oci::OciSandbox::detect(cfg)).await {
+            Ok(Ok(b)) => found.push(std::sync::Arc::new(b)),
+            Ok(Err(e)) => missing.push((oci::OciSandbox::NAME.to_string(), e)),
+            Err(e) => missing.push((oci::OciSandbox::NAME.to_string(), e.to_string())),
+        }
+    }
+    if want(docker::DockerSandbox::NAME) {
+        match docker::DockerSandbox::connect(docker).await {
+            Ok(b) => found.push(std::sync::Arc::new(b)),
+            Err(e) => missing.push((docker::DockerSandbox::NAME.to_string(), e)),
         }
     }
     (found, missing)

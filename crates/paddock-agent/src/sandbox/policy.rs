@@ -28,14 +28,54 @@ pub const RLIMIT_NOFILE: u64 = 4096;
 /// opens, clock and swap administration). Names as in the kernel's syscall table; names that
 /// do not exist on an architecture are skipped.
 pub const DENIED_SYSCALLS: &[&str] = &[
-    "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen",
-    "fsconfig", "fsmount", "fspick", "mount_setattr", "unshare", "setns", "ptrace",
-    "process_vm_readv", "process_vm_writev", "kexec_load", "kexec_file_load", "init_module",
-    "finit_module", "delete_module", "bpf", "perf_event_open", "userfaultfd", "keyctl",
-    "add_key", "request_key", "open_by_handle_at", "name_to_handle_at", "swapon", "swapoff",
-    "reboot", "acct", "quotactl", "settimeofday", "clock_settime", "clock_adjtime",
-    "adjtimex", "syslog", "vhangup", "iopl", "ioperm", "uselib", "lookup_dcookie",
-    "io_uring_setup", "io_uring_enter", "io_uring_register", "pidfd_getfd",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "move_mount",
+    "open_tree",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "mount_setattr",
+    "unshare",
+    "setns",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "kexec_load",
+    "kexec_file_load",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "swapon",
+    "swapoff",
+    "reboot",
+    "acct",
+    "quotactl",
+    "settimeofday",
+    "clock_settime",
+    "clock_adjtime",
+    "adjtimex",
+    "syslog",
+    "vhangup",
+    "iopl",
+    "ioperm",
+    "uselib",
+    "lookup_dcookie",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "pidfd_getfd",
 ];
 
 /// `clone` flags that create namespaces; a `clone` with any of them is refused, and
@@ -89,7 +129,11 @@ mod tests {
     #[test]
     fn host_root_view_has_usr_and_no_secrets() {
         let entries = root_entries(std::path::Path::new("/"));
-        assert!(entries.iter().any(|e| matches!(e, RootEntry::Dir(d) if d == "usr")));
+        assert!(
+            entries
+                .iter()
+                .any(|e| matches!(e, RootEntry::Dir(d) if d == "usr"))
+        );
         for e in &entries {
             let name = match e {
                 RootEntry::Dir(d) | RootEntry::Link(d, _) => d,

@@ -295,4 +295,3 @@ pub(crate) fn format_duration(d: Duration) -> String {
         format!("{ms}ms")
     }
 }
-

@@ -24,12 +24,15 @@ pub(crate) enum Layout {
 /// Reads the layout from `/proc/self/mountinfo`: v1 if memory, cpu and pids controllers are
 /// mounted as v1 hierarchies, else v2 if a cgroup2 mount offers memory, cpu and pids.
 pub(crate) fn detect() -> Result<Layout, String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("mountinfo: {e}"))?;
+    let info =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("mountinfo: {e}"))?;
     let mut v1 = Vec::new();
     let mut v2 = None;
     for line in info.lines() {
         // ... mount_point ... - fstype source super_options
-        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
         let mount_point = left.split(' ').nth(4).unwrap_or_default();
         let mut r = right.split(' ');
         let fstype = r.next().unwrap_or_default();
@@ -44,7 +47,8 @@ pub(crate) fn detect() -> Result<Layout, String> {
             }
             "cgroup2" => {
                 let controllers =
-                    std::fs::read_to_string(Path::new(mount_point).join("cgroup.controllers")).unwrap_or_default();
+                    std::fs::read_to_string(Path::new(mount_point).join("cgroup.controllers"))
+                        .unwrap_or_default();
                 let have: Vec<&str> = controllers.split_whitespace().collect();
                 if V1_CONTROLLERS.iter().all(|c| have.contains(c)) {
                     v2 = Some(PathBuf::from(mount_point));
@@ -53,11 +57,15 @@ pub(crate) fn detect() -> Result<Layout, String> {
             _ => {}
         }
     }
-    if V1_CONTROLLERS.iter().all(|c| v1.iter().any(|(n, _)| n == c)) {
+    if V1_CONTROLLERS
+        .iter()
+        .all(|c| v1.iter().any(|(n, _)| n == c))
+    {
         return Ok(Layout::V1(v1));
     }
-    v2.map(Layout::V2)
-        .ok_or_else(|| "no usable cgroup hierarchy (need memory, cpu and pids, v1 or v2)".to_string())
+    v2.map(Layout::V2).ok_or_else(|| {
+        "no usable cgroup hierarchy (need memory, cpu and pids, v1 or v2)".to_string()
+    })
 }
 
 /// This process's cgroup path in a v1 controller hierarchy or in v2 (`""` key).
@@ -65,7 +73,11 @@ fn own_path(controller: Option<&str>) -> String {
     let text = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     for line in text.lines() {
         let mut parts = line.splitn(3, ':');
-        let (_, list, path) = (parts.next(), parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
+        let (_, list, path) = (
+            parts.next(),
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or("/"),
+        );
         let matches = match controller {
             Some(c) => list.split(',').any(|x| x == c),
             None => list.is_empty(),
@@ -96,20 +108,32 @@ impl Cgroup {
             Layout::V1(mounts) => {
                 let mut dirs = Vec::new();
                 for (controller, mount) in mounts {
-                    let dir = mount.join(own_path(Some(controller))).join("paddock").join(name);
-                    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+                    let dir = mount
+                        .join(own_path(Some(controller)))
+                        .join("paddock")
+                        .join(name);
+                    std::fs::create_dir_all(&dir)
+                        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
                     dirs.push((controller.clone(), dir));
                 }
-                Cgroup { layout_v2: false, dirs }
+                Cgroup {
+                    layout_v2: false,
+                    dirs,
+                }
             }
             Layout::V2(mount) => {
                 let parent = mount.join(own_path(None)).join("paddock");
-                std::fs::create_dir_all(&parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+                std::fs::create_dir_all(&parent)
+                    .map_err(|e| format!("creating {}: {e}", parent.display()))?;
                 // Controllers must be enabled in the parent's subtree to be set on the child.
                 let _ = write(&parent.join("cgroup.subtree_control"), "+memory +cpu +pids");
                 let dir = parent.join(name);
-                std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-                Cgroup { layout_v2: true, dirs: vec![("unified".into(), dir)] }
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+                Cgroup {
+                    layout_v2: true,
+                    dirs: vec![("unified".into(), dir)],
+                }
             }
         };
         if let Err(e) = cg.apply(limits) {
@@ -123,7 +147,10 @@ impl Cgroup {
         if self.layout_v2 {
             return self.dirs.first().map(|(_, d)| d.as_path());
         }
-        self.dirs.iter().find(|(c, _)| c == controller).map(|(_, d)| d.as_path())
+        self.dirs
+            .iter()
+            .find(|(c, _)| c == controller)
+            .map(|(_, d)| d.as_path())
     }
 
     fn apply(&self, l: &Limits) -> Result<(), String> {
@@ -137,7 +164,10 @@ impl Cgroup {
             return Ok(());
         }
         let mem = self.dir("memory").ok_or("no memory cgroup")?;
-        write(&mem.join("memory.limit_in_bytes"), &l.memory_bytes.to_string())?;
+        write(
+            &mem.join("memory.limit_in_bytes"),
+            &l.memory_bytes.to_string(),
+        )?;
         // With swap accounting, memory+swap gets the same limit: no swap beyond it.
         let memsw = mem.join("memory.memsw.limit_in_bytes");
         if memsw.exists() {
@@ -154,11 +184,16 @@ impl Cgroup {
 
     /// The `cgroup.procs` files a process writes its pid to, to join.
     pub(crate) fn procs_files(&self) -> Vec<PathBuf> {
-        self.dirs.iter().map(|(_, d)| d.join("cgroup.procs")).collect()
+        self.dirs
+            .iter()
+            .map(|(_, d)| d.join("cgroup.procs"))
+            .collect()
     }
 
     fn read_counter(&self, controller: &str, file: &str, key: &str) -> u64 {
-        let Some(dir) = self.dir(controller) else { return 0 };
+        let Some(dir) = self.dir(controller) else {
+            return 0;
+        };
         std::fs::read_to_string(dir.join(file))
             .unwrap_or_default()
             .lines()
@@ -185,7 +220,11 @@ impl Cgroup {
 
     /// Pids still in the cgroup.
     pub(crate) fn pids(&self) -> Vec<i32> {
-        let dir = if self.layout_v2 { self.dir("") } else { self.dir("pids") };
+        let dir = if self.layout_v2 {
+            self.dir("")
+        } else {
+            self.dir("pids")
+        };
         let Some(dir) = dir else { return Vec::new() };
         std::fs::read_to_string(dir.join("cgroup.procs"))
             .unwrap_or_default()
@@ -208,7 +247,10 @@ impl Cgroup {
                 return;
             }
             for pid in pids {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -249,20 +291,42 @@ mod tests {
             return;
         }
         let Ok(layout) = detect() else { return };
-        let limits = Limits { memory_bytes: 64 << 20, cpu_millis: 500, pids: 32 };
+        let limits = Limits {
+            memory_bytes: 64 << 20,
+            cpu_millis: 500,
+            pids: 32,
+        };
         let cg = Cgroup::create(&layout, "unit-test-cg", &limits).unwrap();
         match &layout {
             Layout::V1(_) => {
                 let mem = cg.dir("memory").unwrap();
-                assert_eq!(std::fs::read_to_string(mem.join("memory.limit_in_bytes")).unwrap().trim(), "67108864");
+                assert_eq!(
+                    std::fs::read_to_string(mem.join("memory.limit_in_bytes"))
+                        .unwrap()
+                        .trim(),
+                    "67108864"
+                );
                 let cpu = cg.dir("cpu").unwrap();
-                assert_eq!(std::fs::read_to_string(cpu.join("cpu.cfs_quota_us")).unwrap().trim(), "50000");
+                assert_eq!(
+                    std::fs::read_to_string(cpu.join("cpu.cfs_quota_us"))
+                        .unwrap()
+                        .trim(),
+                    "50000"
+                );
                 let pids = cg.dir("pids").unwrap();
-                assert_eq!(std::fs::read_to_string(pids.join("pids.max")).unwrap().trim(), "32");
+                assert_eq!(
+                    std::fs::read_to_string(pids.join("pids.max"))
+                        .unwrap()
+                        .trim(),
+                    "32"
+                );
             }
             Layout::V2(_) => {
                 let d = cg.dir("").unwrap();
-                assert_eq!(std::fs::read_to_string(d.join("pids.max")).unwrap().trim(), "32");
+                assert_eq!(
+                    std::fs::read_to_string(d.join("pids.max")).unwrap().trim(),
+                    "32"
+                );
             }
         }
         assert_eq!(cg.oom_kills(), 0);

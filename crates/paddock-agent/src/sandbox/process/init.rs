@@ -78,7 +78,13 @@ pub fn init_main() -> ! {
 
 fn forwarded() -> SigSet {
     let mut set = SigSet::empty();
-    for s in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT] {
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
         set.add(s);
     }
     set
@@ -100,7 +106,10 @@ fn waiter() -> Result<i32, String> {
     let me = std::process::id().to_string();
     for procs in &spec.cgroup_procs {
         if let Err(e) = std::fs::write(procs, &me) {
-            status_line(&mut status, &format!("setup joining cgroup {}: {e}", procs.display()));
+            status_line(
+                &mut status,
+                &format!("setup joining cgroup {}: {e}", procs.display()),
+            );
             return Ok(125);
         }
     }
@@ -116,7 +125,8 @@ fn waiter() -> Result<i32, String> {
         return Ok(125);
     }
     let set = forwarded();
-    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None).map_err(|e| format!("sigprocmask: {e}"))?;
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
+        .map_err(|e| format!("sigprocmask: {e}"))?;
     // SAFETY: this process is single-threaded (a fresh exec of the binary that has not
     // started any runtime), so the child may run arbitrary code after fork.
     match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
@@ -186,7 +196,13 @@ fn pid1(spec: &InitSpec, status: &mut File) -> i32 {
     }
 }
 
-fn mnt(src: Option<&Path>, target: &Path, fstype: Option<&str>, flags: MsFlags, data: Option<&str>) -> Result<(), String> {
+fn mnt(
+    src: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), String> {
     mount(src, target, fstype, flags, data).map_err(|e| format!("mount {}: {e}", target.display()))
 }
 
@@ -198,23 +214,46 @@ fn mkdir(path: &Path, mode: u32) -> Result<(), String> {
 
 fn bind(src: &Path, target: &Path, extra: MsFlags) -> Result<(), String> {
     mnt(Some(src), target, None, MsFlags::MS_BIND, None)?;
-    mnt(None, target, None, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | extra, None)
+    mnt(
+        None,
+        target,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | extra,
+        None,
+    )
 }
 
 /// Builds the new root under `spec.new_root` and pivots into it.
 fn build_root(spec: &InitSpec) -> Result<(), String> {
     let nr = &spec.new_root;
-    mnt(None, Path::new("/"), None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)?;
-    mnt(Some(Path::new("tmpfs")), nr, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755,size=1m"))?;
+    mnt(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
+    mnt(
+        Some(Path::new("tmpfs")),
+        nr,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755,size=1m"),
+    )?;
     for entry in policy::root_entries(&spec.rootfs) {
         match entry {
             RootEntry::Dir(d) => {
                 let target = nr.join(&d);
                 mkdir(&target, 0o755)?;
-                bind(&spec.rootfs.join(&d), &target, MsFlags::MS_RDONLY | MsFlags::MS_NODEV)?;
+                bind(
+                    &spec.rootfs.join(&d),
+                    &target,
+                    MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
+                )?;
             }
             RootEntry::Link(name, dest) => {
-                std::os::unix::fs::symlink(&dest, nr.join(&name)).map_err(|e| format!("symlink {name}: {e}"))?;
+                std::os::unix::fs::symlink(&dest, nr.join(&name))
+                    .map_err(|e| format!("symlink {name}: {e}"))?;
             }
         }
     }
@@ -223,21 +262,45 @@ fn build_root(spec: &InitSpec) -> Result<(), String> {
     bind(&spec.workdir, &work, MsFlags::MS_NODEV)?;
     let tmp = nr.join("tmp");
     mkdir(&tmp, 0o1777)?;
-    mnt(Some(Path::new("tmpfs")), &tmp, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+    mnt(
+        Some(Path::new("tmpfs")),
+        &tmp,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
     let dev = nr.join("dev");
     mkdir(&dev, 0o755)?;
-    mnt(Some(Path::new("tmpfs")), &dev, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0755,size=64k"))?;
+    mnt(
+        Some(Path::new("tmpfs")),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0755,size=64k"),
+    )?;
     for node in ["null", "zero", "full", "random", "urandom", "tty"] {
         let target = dev.join(node);
         File::create(&target).map_err(|e| format!("create {}: {e}", target.display()))?;
         bind(&Path::new("/dev").join(node), &target, MsFlags::MS_NOEXEC)?;
     }
-    for (link, dest) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
-        std::os::unix::fs::symlink(dest, dev.join(link)).map_err(|e| format!("symlink /dev/{link}: {e}"))?;
+    for (link, dest) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(dest, dev.join(link))
+            .map_err(|e| format!("symlink /dev/{link}: {e}"))?;
     }
     let shm = dev.join("shm");
     mkdir(&shm, 0o1777)?;
-    mnt(Some(Path::new("tmpfs")), &shm, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777,size=64m"))?;
+    mnt(
+        Some(Path::new("tmpfs")),
+        &shm,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777,size=64m"),
+    )?;
     mkdir(&nr.join("proc"), 0o555)?;
     let old = nr.join(".oldroot");
     mkdir(&old, 0o700)?;
@@ -252,7 +315,13 @@ fn build_root(spec: &InitSpec) -> Result<(), String> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         None,
     )?;
-    mnt(None, Path::new("/"), None, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None)
+    mnt(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None,
+    )
 }
 
 /// In the task process: confine, then execute. Returns only on failure.
@@ -264,9 +333,15 @@ fn exec_task(spec: &InitSpec) -> String {
 }
 
 fn confine_and_exec(spec: &InitSpec) -> Result<std::convert::Infallible, String> {
-    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None).map_err(|e| format!("sigprocmask: {e}"))?;
+    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+        .map_err(|e| format!("sigprocmask: {e}"))?;
     use nix::sys::resource::{Resource, setrlimit};
-    setrlimit(Resource::RLIMIT_NOFILE, policy::RLIMIT_NOFILE, policy::RLIMIT_NOFILE).map_err(|e| format!("rlimit: {e}"))?;
+    setrlimit(
+        Resource::RLIMIT_NOFILE,
+        policy::RLIMIT_NOFILE,
+        policy::RLIMIT_NOFILE,
+    )
+    .map_err(|e| format!("rlimit: {e}"))?;
     setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(|e| format!("rlimit: {e}"))?;
     nix::unistd::chdir(policy::WORK_DIR).map_err(|e| format!("chdir /work: {e}"))?;
     let program = resolve(&spec.argv[0], spec)?;
@@ -278,9 +353,18 @@ fn confine_and_exec(spec: &InitSpec) -> Result<std::convert::Infallible, String>
     for filter in super::seccomp::filters()? {
         seccompiler::apply_filter(&filter).map_err(|e| format!("seccomp: {e}"))?;
     }
-    let argv: Vec<CString> = spec.argv.iter().map(|a| cstring(a)).collect::<Result<_, _>>()?;
-    let env: Vec<CString> = spec.env.iter().map(|(k, v)| cstring(&format!("{k}={v}"))).collect::<Result<_, _>>()?;
-    nix::unistd::execve(&program, &argv, &env).map_err(|e| format!("cannot execute {}: {e}", spec.argv[0]))
+    let argv: Vec<CString> = spec
+        .argv
+        .iter()
+        .map(|a| cstring(a))
+        .collect::<Result<_, _>>()?;
+    let env: Vec<CString> = spec
+        .env
+        .iter()
+        .map(|(k, v)| cstring(&format!("{k}={v}")))
+        .collect::<Result<_, _>>()?;
+    nix::unistd::execve(&program, &argv, &env)
+        .map_err(|e| format!("cannot execute {}: {e}", spec.argv[0]))
 }
 
 fn cstring(s: &str) -> Result<CString, String> {
@@ -292,14 +376,19 @@ fn resolve(program: &str, spec: &InitSpec) -> Result<CString, String> {
     if program.contains('/') {
         return cstring(program);
     }
-    let path = spec.env.iter().find(|(k, _)| k == "PATH").map_or("/usr/bin:/bin", |(_, v)| v.as_str());
+    let path = spec
+        .env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map_or("/usr/bin:/bin", |(_, v)| v.as_str());
     for dir in path.split(':').filter(|d| !d.is_empty()) {
         let candidate = Path::new(dir).join(program);
         if let Ok(meta) = std::fs::metadata(&candidate)
             && meta.is_file()
             && meta.permissions().mode() & 0o111 != 0
         {
-            return CString::new(candidate.as_os_str().as_bytes()).map_err(|_| "NUL in path".to_string());
+            return CString::new(candidate.as_os_str().as_bytes())
+                .map_err(|_| "NUL in path".to_string());
         }
     }
     Err(format!("{program}: command not found in PATH"))
@@ -307,7 +396,9 @@ fn resolve(program: &str, spec: &InitSpec) -> Result<CString, String> {
 
 /// Landlock: read and execute everywhere, write only under `/work`, `/tmp` and `/dev`.
 fn landlock_confine() -> Result<(), String> {
-    use landlock::{ABI, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, path_beneath_rules};
+    use landlock::{
+        ABI, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, path_beneath_rules,
+    };
     let abi = ABI::V5;
     let err = |e: landlock::RulesetError| format!("landlock: {e}");
     Ruleset::default()
@@ -317,7 +408,10 @@ fn landlock_confine() -> Result<(), String> {
         .map_err(err)?
         .add_rules(path_beneath_rules(["/"], AccessFs::from_read(abi)))
         .map_err(err)?
-        .add_rules(path_beneath_rules([policy::WORK_DIR, "/tmp", "/dev"], AccessFs::from_all(abi)))
+        .add_rules(path_beneath_rules(
+            [policy::WORK_DIR, "/tmp", "/dev"],
+            AccessFs::from_all(abi),
+        ))
         .map_err(err)?
         .restrict_self()
         .map_err(err)?;

@@ -50,8 +50,13 @@ impl ProcessSandbox {
             return Err(format!("sandbox init {} not found", init_exe.display()));
         }
         let layout = cgroup::detect()?;
-        std::fs::create_dir_all(&scratch).map_err(|e| format!("creating {}: {e}", scratch.display()))?;
-        Ok(ProcessSandbox { init_exe, layout, scratch })
+        std::fs::create_dir_all(&scratch)
+            .map_err(|e| format!("creating {}: {e}", scratch.display()))?;
+        Ok(ProcessSandbox {
+            init_exe,
+            layout,
+            scratch,
+        })
     }
 }
 
@@ -115,7 +120,15 @@ fn read_status(path: &Path) -> Reported {
 }
 
 fn sanitize(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect()
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 impl ProcessSandbox {
@@ -132,19 +145,28 @@ impl ProcessSandbox {
         let scratch = self.scratch.join(&id);
         let _ = std::fs::remove_dir_all(&scratch);
         let new_root = scratch.join("root");
-        std::fs::create_dir_all(&new_root).map_err(|e| SandboxError::Setup(format!("creating {}: {e}", new_root.display())))?;
-        let mut guard = RunGuard { cgroup: None, scratch: scratch.clone() };
+        std::fs::create_dir_all(&new_root)
+            .map_err(|e| SandboxError::Setup(format!("creating {}: {e}", new_root.display())))?;
+        let mut guard = RunGuard {
+            cgroup: None,
+            scratch: scratch.clone(),
+        };
         nix::unistd::chown(
             &req.workdir,
             Some(nix::unistd::Uid::from_raw(policy::SANDBOX_UID)),
             Some(nix::unistd::Gid::from_raw(policy::SANDBOX_GID)),
         )
         .map_err(|e| SandboxError::Setup(format!("chown {}: {e}", req.workdir.display())))?;
-        let cg = cgroup::Cgroup::create(&self.layout, &id, &req.limits).map_err(SandboxError::Setup)?;
+        let cg =
+            cgroup::Cgroup::create(&self.layout, &id, &req.limits).map_err(SandboxError::Setup)?;
         let status_file = scratch.join("status");
         let spec = init::InitSpec {
             argv: req.argv.clone(),
-            env: req.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            env: req
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             rootfs: req.rootfs.clone().unwrap_or_else(|| PathBuf::from("/")),
             new_root,
             workdir: req.workdir.clone(),
@@ -158,7 +180,9 @@ impl ProcessSandbox {
         guard.cgroup = Some(cg);
         let json = serde_json::to_string(&spec).map_err(|e| SandboxError::Setup(e.to_string()))?;
         let mut cmd = Command::new(&self.init_exe);
-        cmd.arg(init::INIT_ARG).env_clear().env(init::SPEC_ENV, json);
+        cmd.arg(init::INIT_ARG)
+            .env_clear()
+            .env(init::SPEC_ENV, json);
         let limits = req.limits;
         let program = req.argv[0].clone();
         let mut outcome = supervise(cmd, &program, req, output, cancel).await?;
@@ -181,7 +205,10 @@ impl ProcessSandbox {
             return Err(SandboxError::Setup(msg));
         }
         if let Some(msg) = reported.spawn {
-            return Err(SandboxError::SpawnFailed { program, reason: msg });
+            return Err(SandboxError::SpawnFailed {
+                program,
+                reason: msg,
+            });
         }
         if let Some(sig) = reported.signal {
             outcome.exit_code = None;
@@ -224,7 +251,10 @@ mod tests {
         assert_eq!(r.exit, Some(127));
         std::fs::write(&p, "signal 9\n").unwrap();
         assert_eq!(read_status(&p).signal, Some(9));
-        assert_eq!(read_status(&dir.path().join("missing")), Reported::default());
+        assert_eq!(
+            read_status(&dir.path().join("missing")),
+            Reported::default()
+        );
         assert_eq!(sanitize("a/b-1"), "a_b-1");
     }
 }
