@@ -66,47 +66,31 @@ async fn run_host(
             backend: HostSandbox::NAME,
         });
     }
-    let Some((program, args)) = req.argv.split_first() else {
-        return Err(SandboxError::Invalid("argv is empty".into()));
-    };
-    let mut cmd = Command::new(program);
-    cmd.args(args)
+    let program = req.program()?.to_string();
+    let mut cmd = Command::new(&program);
+    cmd.args(&req.argv[1..])
         .env_clear()
         .envs(&req.env)
         .current_dir(&req.workdir);
-    let program = program.clone();
     supervise(cmd, &program, req, output, cancel).await
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::time::Duration;
     use std::time::Instant as StdInstant;
 
     use nix::sys::signal::Signal;
     use paddock_proto::{ErrorCode, ResultStatus, Stream};
 
-    use super::super::supervise::format_duration;
     use super::*;
-
-    const PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+    use crate::sandbox::testing::{self, PATH, live};
 
     fn request(dir: &tempfile::TempDir, argv: &[&str]) -> RunRequest {
         RunRequest {
-            task_id: "t-test".into(),
-            attempt: 1,
-            argv: argv.iter().map(|s| (*s).to_string()).collect(),
-            env: BTreeMap::from([("PATH".to_string(), PATH.to_string())]),
-            stdin: None,
-            workdir: dir.path().to_path_buf(),
             timeout: Duration::from_secs(20),
-            kill_grace: Duration::from_secs(1),
-            network: NetworkMode::Default,
-            output_max_chars: 100_000,
-            limits: crate::sandbox::Limits::default(),
-            rootfs: None,
+            ..testing::request("t-test".into(), dir.path(), argv)
         }
     }
 
@@ -115,17 +99,7 @@ mod tests {
         req: RunRequest,
         cancel: CancellationToken,
     ) -> (Result<RunOutcome, SandboxError>, Vec<OutputChunk>) {
-        let (tx, mut rx) = mpsc::channel(64);
-        let collector = tokio::spawn(async move {
-            let mut chunks = Vec::new();
-            while let Some(chunk) = rx.recv().await {
-                chunks.push(chunk);
-            }
-            chunks
-        });
-        let result = HostSandbox::new().run(req, tx, cancel).await;
-        let chunks = collector.await.unwrap();
-        (result, chunks)
+        testing::run_collect(&HostSandbox::new(), req, cancel).await
     }
 
     async fn run(req: RunRequest) -> RunOutcome {
@@ -172,15 +146,8 @@ mod tests {
         assert_eq!(out.stderr, "err\n");
         assert!(!out.stdout_truncated && !out.stderr_truncated);
         assert!(out.started_at_ms > 0 && out.finished_at_ms >= out.started_at_ms);
-        let live = |s: Stream| -> String {
-            chunks
-                .iter()
-                .filter(|c| c.stream == s)
-                .map(|c| c.data.as_str())
-                .collect()
-        };
-        assert_eq!(live(Stream::Stdout), out.stdout);
-        assert_eq!(live(Stream::Stderr), out.stderr);
+        assert_eq!(live(&chunks, Stream::Stdout), out.stdout);
+        assert_eq!(live(&chunks, Stream::Stderr), out.stderr);
     }
 
     #[tokio::test]
@@ -379,11 +346,5 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(5));
         assert_eq!(out.status, ResultStatus::Canceled);
         assert_eq!(out.error_code, Some(ErrorCode::TaskCanceled));
-    }
-
-    #[test]
-    fn durations_are_formatted() {
-        assert_eq!(format_duration(Duration::from_secs(2)), "2s");
-        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
     }
 }

@@ -6,13 +6,17 @@
 //! the runner; a backend only starts, watches, caps and kills. Issue 2 ships `host`; the
 //! `process`, `oci`, `docker` and `vm` backends implement the same trait.
 
+pub(crate) mod cgroup;
 pub mod docker;
 pub mod host;
 pub mod oci;
+pub(crate) mod outcome;
 pub mod output;
 pub mod policy;
 pub mod process;
 pub(crate) mod supervise;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -54,6 +58,33 @@ pub struct RunRequest {
     /// Root filesystem to show the task; `None`: a read-only view of the host's
     /// ([`policy::HOST_ROOT_ENTRIES`]).
     pub rootfs: Option<PathBuf>,
+}
+
+impl RunRequest {
+    /// The program to run (`argv[0]`).
+    ///
+    /// # Errors
+    /// [`SandboxError::Invalid`] when `argv` is empty.
+    pub(crate) fn program(&self) -> Result<&str, SandboxError> {
+        self.argv
+            .first()
+            .map(String::as_str)
+            .ok_or_else(|| SandboxError::Invalid("argv is empty".into()))
+    }
+}
+
+/// `raw` with every character other than an ASCII letter or digit or one of `keep` replaced
+/// by `_`: for the names of the objects a backend creates (cgroups, containers, bundles).
+pub(crate) fn safe_name(raw: &str, keep: &[char]) -> String {
+    raw.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || keep.contains(&c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// Enforced resource limits.

@@ -225,7 +225,7 @@ pub async fn capture_stream_until<R: AsyncRead + Unpin>(
 }
 
 /// Sends one chunk; forgets the sender when the receiver is gone or `stop` fired.
-async fn forward(
+pub(crate) async fn forward(
     tx: &mut Option<mpsc::Sender<OutputChunk>>,
     stream: Stream,
     data: String,

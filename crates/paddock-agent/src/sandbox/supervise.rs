@@ -1,7 +1,11 @@
-//! Supervision shared by the backends that run a local process (`host`, `process`): the
-//! task's process group, capped output capture, stdin, the timeout, cancellation, SIGTERM
-//! then SIGKILL to the whole group after the grace, and nothing left in the group at the end.
+//! Supervision of a local process tree, shared by the backends that start one: `host` and
+//! `process` run the task's process group through [`supervise`] (capped output capture,
+//! stdin, the timeout, cancellation, SIGTERM then SIGKILL to the whole group after the
+//! grace, and nothing left in the group at the end); `oci` starts its runtime the same way
+//! and uses [`TaskIo`] and [`signal_group`] for it; `docker` feeds its attach stream with
+//! [`spawn_stdin_writer`] and bounds its final read with [`drain_within`].
 
+use std::future::Future;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
@@ -9,32 +13,25 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use paddock_proto::{ErrorCode, ResultStatus, Stream, now_ms};
-use tokio::io::AsyncWriteExt;
+use paddock_proto::{ResultStatus, Stream, now_ms};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
+use super::outcome::{Ending, captured_outcome};
 use super::output::{Captured, capture_stream_until};
 use super::{OutputChunk, RunOutcome, RunRequest, SandboxError};
 
-/// How long the output pipes are still read after the process group was killed. A
-/// process that left the group (`setsid`) may hold a pipe open; past this bound the pipe
-/// is abandoned with whatever was read.
+/// How long the output pipes are still read after the process group was killed (or the
+/// container exited). A process that left the group (`setsid`) may hold a pipe open; past
+/// this bound the pipe is abandoned with whatever was read.
 const PIPE_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Poll interval while waiting for the rest of the group to exit during the grace.
 const GROUP_POLL_INTERVAL: Duration = Duration::from_millis(50);
-
-/// How the wait for the main process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ending {
-    Exited,
-    TimedOut,
-    Canceled,
-}
 
 /// SIGKILLs the process group when dropped, so that dropping the run future mid-way
 /// leaves nothing behind.
@@ -47,6 +44,135 @@ impl Drop for GroupGuard {
     fn drop(&mut self) {
         if self.armed {
             signal_group(self.pgid, Signal::SIGKILL);
+        }
+    }
+}
+
+/// The stdin writer and the output readers of a started child, and the token that stops
+/// them: after the drain bound, or when this is dropped (the run future was dropped).
+pub(crate) struct TaskIo {
+    stop: CancellationToken,
+    _stop_on_drop: DropGuard,
+    stdin: Option<JoinHandle<()>>,
+    stdout: Option<JoinHandle<Captured>>,
+    stderr: Option<JoinHandle<Captured>>,
+}
+
+impl TaskIo {
+    /// Starts writing `stdin` to the child's standard input (then closing it) and capturing
+    /// its standard output and error, at most `max_chars` characters each, forwarding kept
+    /// text to `output`.
+    pub(crate) fn start(
+        child: &mut Child,
+        stdin: Option<String>,
+        max_chars: usize,
+        output: mpsc::Sender<OutputChunk>,
+    ) -> TaskIo {
+        let stop = CancellationToken::new();
+        let stop_on_drop = stop.clone().drop_guard();
+        let stdin = match (child.stdin.take(), stdin) {
+            (Some(pipe), Some(data)) => Some(spawn_stdin_writer(pipe, data, stop.clone())),
+            _ => None,
+        };
+        let stdout = child
+            .stdout
+            .take()
+            .map(|pipe| spawn_capture(pipe, Stream::Stdout, max_chars, &output, &stop));
+        let stderr = child
+            .stderr
+            .take()
+            .map(|pipe| spawn_capture(pipe, Stream::Stderr, max_chars, &output, &stop));
+        TaskIo {
+            stop,
+            _stop_on_drop: stop_on_drop,
+            stdin,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits for both readers, at most [`PIPE_DRAIN_TIMEOUT`] (then `on_overrun` is called
+    /// and they are stopped), stops the stdin writer, and returns what was captured.
+    pub(crate) async fn finish(self, on_overrun: impl FnOnce()) -> (Captured, Captured) {
+        let TaskIo {
+            stop,
+            _stop_on_drop,
+            stdin,
+            stdout,
+            stderr,
+        } = self;
+        let joined = async { tokio::join!(captured(stdout), captured(stderr)) };
+        let captured = drain_within(joined, &stop, on_overrun).await;
+        if let Some(task) = stdin {
+            task.abort();
+        }
+        captured
+    }
+}
+
+/// What a reader captured (nothing when there was no pipe or the reader panicked).
+async fn captured(reader: Option<JoinHandle<Captured>>) -> Captured {
+    match reader {
+        Some(task) => task.await.unwrap_or_default(),
+        None => Captured::default(),
+    }
+}
+
+/// Captures one output pipe until EOF or `stop` (see [`capture_stream_until`]).
+fn spawn_capture<R>(
+    pipe: R,
+    stream: Stream,
+    max_chars: usize,
+    output: &mpsc::Sender<OutputChunk>,
+    stop: &CancellationToken,
+) -> JoinHandle<Captured>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    tokio::spawn(capture_stream_until(
+        pipe,
+        stream,
+        max_chars,
+        output.clone(),
+        stop.clone(),
+    ))
+}
+
+/// Writes `data` to `pipe` and closes it, unless `stop` fires first. Errors (EPIPE when the
+/// task does not read) are not the task's failure; closing the pipe is all that matters.
+pub(crate) fn spawn_stdin_writer<W>(
+    mut pipe: W,
+    data: String,
+    stop: CancellationToken,
+) -> JoinHandle<()>
+where
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        tokio::select! {
+            () = stop.cancelled() => {}
+            _ = async {
+                pipe.write_all(data.as_bytes()).await?;
+                pipe.shutdown().await
+            } => {}
+        }
+    })
+}
+
+/// Awaits `readers`, at most [`PIPE_DRAIN_TIMEOUT`]; past that, calls `on_overrun`, fires
+/// `stop` (the readers then return what they have) and awaits them again.
+pub(crate) async fn drain_within<T>(
+    readers: impl Future<Output = T>,
+    stop: &CancellationToken,
+    on_overrun: impl FnOnce(),
+) -> T {
+    tokio::pin!(readers);
+    tokio::select! {
+        captured = &mut readers => captured,
+        () = tokio::time::sleep(PIPE_DRAIN_TIMEOUT) => {
+            on_overrun();
+            stop.cancel();
+            readers.await
         }
     }
 }
@@ -94,57 +220,9 @@ pub(crate) async fn supervise(
         "sandbox: process started"
     );
 
-    // Stops the pipe readers and the stdin writer: after the drain bound, or when this
-    // future is dropped.
-    let io_stop = CancellationToken::new();
-    let _io_stop_on_drop = io_stop.clone().drop_guard();
+    let io = TaskIo::start(&mut child, req.stdin, req.output_max_chars, output);
 
-    let stdin_task = match (child.stdin.take(), req.stdin) {
-        (Some(mut pipe), Some(data)) => {
-            let stop = io_stop.clone();
-            Some(tokio::spawn(async move {
-                tokio::select! {
-                    () = stop.cancelled() => {}
-                    // Errors (EPIPE when the process does not read) are not the task's
-                    // failure; closing the pipe is all that matters.
-                    _ = async {
-                        pipe.write_all(data.as_bytes()).await?;
-                        pipe.shutdown().await
-                    } => {}
-                }
-            }))
-        }
-        _ => None,
-    };
-    let stdout_task = child.stdout.take().map(|pipe| {
-        tokio::spawn(capture_stream_until(
-            pipe,
-            Stream::Stdout,
-            req.output_max_chars,
-            output.clone(),
-            io_stop.clone(),
-        ))
-    });
-    let stderr_task = child.stderr.take().map(|pipe| {
-        tokio::spawn(capture_stream_until(
-            pipe,
-            Stream::Stderr,
-            req.output_max_chars,
-            output.clone(),
-            io_stop.clone(),
-        ))
-    });
-    drop(output);
-
-    let mut exited = None;
-    let ending = tokio::select! {
-        status = child.wait() => {
-            exited = Some(status);
-            Ending::Exited
-        }
-        () = tokio::time::sleep(req.timeout) => Ending::TimedOut,
-        () = cancel.cancelled() => Ending::Canceled,
-    };
+    let (ending, exited) = Ending::race(child.wait(), req.timeout, &cancel).await;
     let status = match exited {
         Some(status) => status,
         None => {
@@ -162,24 +240,17 @@ pub(crate) async fn supervise(
     signal_group(pgid, Signal::SIGKILL);
     group.armed = false;
 
-    let (stdout, stderr) = drain_pipes(stdout_task, stderr_task, &io_stop, &req.task_id).await;
-    if let Some(task) = stdin_task {
-        task.abort();
-    }
+    let (stdout, stderr) = io
+        .finish(|| {
+            tracing::warn!(
+                task_id = %req.task_id,
+                "sandbox: output pipe still open after the process group was killed \
+                 (a process escaped the group?); giving up on it"
+            );
+        })
+        .await;
 
-    let mut outcome = RunOutcome {
-        status: ResultStatus::Failed,
-        exit_code: None,
-        signal: None,
-        error_code: None,
-        error_message: None,
-        stdout: stdout.text,
-        stderr: stderr.text,
-        stdout_truncated: stdout.truncated,
-        stderr_truncated: stderr.truncated,
-        started_at_ms,
-        finished_at_ms: now_ms(),
-    };
+    let mut outcome = captured_outcome(stdout, stderr, started_at_ms, now_ms());
     match &status {
         Ok(status) => {
             outcome.exit_code = status.code();
@@ -195,19 +266,7 @@ pub(crate) async fn supervise(
                 outcome.status = ResultStatus::Succeeded;
             }
         }
-        Ending::TimedOut => {
-            outcome.status = ResultStatus::TimedOut;
-            outcome.error_code = Some(ErrorCode::TaskTimeout);
-            outcome.error_message = Some(format!(
-                "killed after timeout of {}",
-                format_duration(req.timeout)
-            ));
-        }
-        Ending::Canceled => {
-            outcome.status = ResultStatus::Canceled;
-            outcome.error_code = Some(ErrorCode::TaskCanceled);
-            outcome.error_message = Some("canceled".into());
-        }
+        stopped => stopped.mark_stopped(&mut outcome, req.timeout, ""),
     }
     Ok(outcome)
 }
@@ -234,46 +293,8 @@ async fn terminate(child: &mut Child, pgid: Pid, grace: Duration) -> io::Result<
     }
 }
 
-/// Waits for both readers, at most [`PIPE_DRAIN_TIMEOUT`]; then stops them and takes what
-/// they read.
-async fn drain_pipes(
-    stdout_task: Option<JoinHandle<Captured>>,
-    stderr_task: Option<JoinHandle<Captured>>,
-    io_stop: &CancellationToken,
-    task_id: &str,
-) -> (Captured, Captured) {
-    let join = async {
-        let out = async {
-            match stdout_task {
-                Some(task) => task.await.unwrap_or_default(),
-                None => Captured::default(),
-            }
-        };
-        let err = async {
-            match stderr_task {
-                Some(task) => task.await.unwrap_or_default(),
-                None => Captured::default(),
-            }
-        };
-        tokio::join!(out, err)
-    };
-    tokio::pin!(join);
-    tokio::select! {
-        captured = &mut join => captured,
-        () = tokio::time::sleep(PIPE_DRAIN_TIMEOUT) => {
-            tracing::warn!(
-                task_id = %task_id,
-                "sandbox: output pipe still open after the process group was killed \
-                 (a process escaped the group?); giving up on it"
-            );
-            io_stop.cancel();
-            join.await
-        }
-    }
-}
-
 /// Sends `signal` to the process group, ignoring errors (ESRCH: the group is empty).
-fn signal_group(pgid: Pid, signal: Signal) {
+pub(crate) fn signal_group(pgid: Pid, signal: Signal) {
     if let Err(err) = killpg(pgid, signal)
         && err != nix::errno::Errno::ESRCH
     {
@@ -284,14 +305,4 @@ fn signal_group(pgid: Pid, signal: Signal) {
 /// Whether any process (zombies included) is still in the group.
 fn group_exists(pgid: Pid) -> bool {
     killpg(pgid, None).is_ok()
-}
-
-/// `2s`, `1500ms`.
-pub(crate) fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms.is_multiple_of(1000) {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
-    }
 }

@@ -1,6 +1,6 @@
 //! The `process` backend: a namespaced process sandbox with no external runtime.
 //!
-//! Per run: a cgroup with the memory, CPU and pids limits ([`cgroup`]), then the sandbox
+//! Per run: a cgroup with the memory, CPU and pids limits (`sandbox::cgroup`), then the sandbox
 //! init (`paddock __sandbox-init`, [`init`]) started under the same supervision as the host
 //! backend (process group, output caps, timeout, SIGTERM then SIGKILL). The init creates
 //! mount, PID, IPC, UTS (and, for `networkMode: "none"`, network) namespaces, shows a
@@ -9,7 +9,6 @@
 //! executing the task. Afterwards the cgroup tells whether the OOM killer or the pids limit
 //! struck, and everything left in it is killed.
 
-mod cgroup;
 pub mod init;
 mod seccomp;
 
@@ -20,15 +19,16 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::cgroup::{Cgroup, CgroupLayout, Counters, RunLayout};
 use super::policy;
 use super::supervise::supervise;
-use super::{BoxFuture, OutputChunk, RunOutcome, RunRequest, Sandbox, SandboxError};
+use super::{BoxFuture, OutputChunk, RunOutcome, RunRequest, Sandbox, SandboxError, safe_name};
 
 /// The `process` sandbox backend.
 #[derive(Debug)]
 pub struct ProcessSandbox {
     init_exe: PathBuf,
-    layout: cgroup::Layout,
+    layout: RunLayout,
     scratch: PathBuf,
 }
 
@@ -49,7 +49,7 @@ impl ProcessSandbox {
         if !init_exe.is_file() {
             return Err(format!("sandbox init {} not found", init_exe.display()));
         }
-        let layout = cgroup::detect()?;
+        let layout = CgroupLayout::detect().run_layout()?;
         std::fs::create_dir_all(&scratch)
             .map_err(|e| format!("creating {}: {e}", scratch.display()))?;
         Ok(ProcessSandbox {
@@ -81,7 +81,7 @@ impl Sandbox for ProcessSandbox {
 
 /// Removes the run's cgroup and scratch directory, also when the run future is dropped.
 struct RunGuard {
-    cgroup: Option<cgroup::Cgroup>,
+    cgroup: Option<Cgroup>,
     scratch: PathBuf,
 }
 
@@ -120,15 +120,7 @@ fn read_status(path: &Path) -> Reported {
 }
 
 fn sanitize(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    safe_name(s, &['-'])
 }
 
 impl ProcessSandbox {
@@ -138,9 +130,7 @@ impl ProcessSandbox {
         output: mpsc::Sender<OutputChunk>,
         cancel: CancellationToken,
     ) -> Result<RunOutcome, SandboxError> {
-        if req.argv.is_empty() {
-            return Err(SandboxError::Invalid("argv is empty".into()));
-        }
+        let program = req.program()?.to_string();
         let id = sanitize(&format!("{}-{}", req.task_id, req.attempt));
         let scratch = self.scratch.join(&id);
         let _ = std::fs::remove_dir_all(&scratch);
@@ -157,8 +147,7 @@ impl ProcessSandbox {
             Some(nix::unistd::Gid::from_raw(policy::SANDBOX_GID)),
         )
         .map_err(|e| SandboxError::Setup(format!("chown {}: {e}", req.workdir.display())))?;
-        let cg =
-            cgroup::Cgroup::create(&self.layout, &id, &req.limits).map_err(SandboxError::Setup)?;
+        let cg = Cgroup::create(&self.layout, &id, &req.limits).map_err(SandboxError::Setup)?;
         let status_file = scratch.join("status");
         let spec = init::InitSpec {
             argv: req.argv.clone(),
@@ -184,17 +173,16 @@ impl ProcessSandbox {
             .env_clear()
             .env(init::SPEC_ENV, json);
         let limits = req.limits;
-        let program = req.argv[0].clone();
         let mut outcome = supervise(cmd, &program, req, output, cancel).await?;
 
         // Whatever is still in the cgroup goes; then read what happened.
         let cg = guard.cgroup.take();
-        let (oom_kills, pids_hits) = match &cg {
+        let counters = match &cg {
             Some(cg) => {
                 cg.kill_all();
-                (cg.oom_kills(), cg.pids_limit_hits())
+                cg.counters()
             }
-            None => (0, 0),
+            None => Counters::default(),
         };
         if let Some(cg) = &cg {
             cg.remove();
@@ -218,18 +206,18 @@ impl ProcessSandbox {
             outcome.signal = None;
         }
         if outcome.status == ResultStatus::Failed || outcome.status == ResultStatus::Succeeded {
-            if oom_kills > 0 {
+            if counters.oom_kills > 0 {
                 outcome.status = ResultStatus::Failed;
                 outcome.error_code = Some(ErrorCode::MemoryLimitExceeded);
                 outcome.error_message = Some(format!(
                     "killed by the OOM killer: over the {} MiB memory limit",
                     limits.memory_bytes / (1024 * 1024)
                 ));
-            } else if pids_hits > 0 && outcome.status == ResultStatus::Failed {
+            } else if counters.pids_max > 0 && outcome.status == ResultStatus::Failed {
                 outcome.error_code = Some(ErrorCode::PidsLimitExceeded);
                 outcome.error_message = Some(format!(
-                    "process limit of {} reached ({pids_hits} forks refused)",
-                    limits.pids
+                    "process limit of {} reached ({} forks refused)",
+                    limits.pids, counters.pids_max
                 ));
             }
         }
