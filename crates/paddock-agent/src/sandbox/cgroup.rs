@@ -587,7 +587,9 @@ impl Cgroup {
         {
             return;
         }
-        for _ in 0..100 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        let mut attempt = 0;
+        while std::time::Instant::now() < deadline {
             let pids = self.pids();
             if pids.is_empty() {
                 return;
@@ -595,7 +597,8 @@ impl Cgroup {
             for pid in pids {
                 let _ = kill(pid, Signal::SIGKILL);
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(backoff(attempt));
+            attempt += 1;
         }
     }
 
@@ -604,6 +607,7 @@ impl Cgroup {
     pub(crate) fn remove(&self) {
         let deadline = std::time::Instant::now() + REMOVE_TIMEOUT;
         for (_, dir) in &self.dirs {
+            let mut attempt = 0;
             loop {
                 if !dir.exists() {
                     break;
@@ -620,12 +624,19 @@ impl Cgroup {
                             tracing::warn!(cgroup = %dir.display(), error = %err, "cannot remove cgroup");
                             break;
                         }
-                        std::thread::sleep(Duration::from_millis(10));
+                        std::thread::sleep(backoff(attempt));
+                        attempt += 1;
                     }
                 }
             }
         }
     }
+}
+
+/// Wait before retry `attempt` of a cgroup operation: a process that just exited leaves its
+/// cgroup within microseconds, so start at 0.2 ms and double up to 10 ms.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_micros((200u64 << attempt.min(6)).min(10_000))
 }
 
 #[cfg(test)]
