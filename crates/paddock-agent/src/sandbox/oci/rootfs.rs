@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use paddock_proto::now_ms;
 
 use super::super::policy::{self, RootEntry};
+use super::fnv1a;
 use super::runtime::clean_command;
-use super::{fnv1a, sanitize_name};
 
 /// Mount points created in a root this backend builds (host view, extracted tarballs).
 const MOUNT_POINTS: &[&str] = &["proc", "dev", "tmp", "work"];
@@ -77,7 +77,7 @@ pub(super) fn resolve_rootfs(path: &Path, cache: &Path) -> Result<PathBuf, Strin
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let stem = [".tar.gz", ".tgz", ".tar"]
+    [".tar.gz", ".tgz", ".tar"]
         .iter()
         .find_map(|ext| file_name.strip_suffix(ext))
         .ok_or_else(|| {
@@ -88,11 +88,8 @@ pub(super) fn resolve_rootfs(path: &Path, cache: &Path) -> Result<PathBuf, Strin
         })?;
     let canonical =
         fs::canonicalize(path).map_err(|err| format!("rootfs {}: {err}", path.display()))?;
-    let dest = cache.join(format!(
-        "{}-{:016x}",
-        sanitize_name(stem),
-        rootfs_cache_key(&canonical, &meta)
-    ));
+    let digest = tarball_digest(&canonical, &meta, cache)?;
+    let dest = cache.join(format!("sha256-{digest}"));
     if dest.is_dir() {
         return Ok(dest);
     }
@@ -100,8 +97,46 @@ pub(super) fn resolve_rootfs(path: &Path, cache: &Path) -> Result<PathBuf, Strin
     Ok(dest)
 }
 
-/// Identity of a tarball for the extraction cache: canonical path, size, mtime, inode,
-/// device (a content digest would need SHA-256, which this crate does not depend on).
+/// The SHA-256 of a tarball, the key of the extraction cache: identical tarballs share one
+/// extraction wherever they live, and changed content gets a new one. The digest is
+/// remembered per file identity ([`rootfs_cache_key`]) next to the cache, so an unchanged
+/// tarball is hashed once, not on every run.
+fn tarball_digest(canonical: &Path, meta: &fs::Metadata, cache: &Path) -> Result<String, String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let memo_dir = cache.with_file_name("rootfs-digests");
+    let memo = memo_dir.join(format!("{:016x}", rootfs_cache_key(canonical, meta)));
+    if let Ok(known) = fs::read_to_string(&memo)
+        && known.len() == 64
+        && known.bytes().all(|b| b.is_ascii_hexdigit())
+    {
+        return Ok(known);
+    }
+    let mut file = fs::File::open(canonical)
+        .map_err(|err| format!("rootfs {}: {err}", canonical.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|err| format!("reading {}: {err}", canonical.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let digest = hex::encode(hasher.finalize());
+    if fs::create_dir_all(&memo_dir).is_ok() {
+        let tmp = memo.with_extension("tmp");
+        if fs::write(&tmp, &digest).is_ok() {
+            let _ = fs::rename(&tmp, &memo);
+        }
+    }
+    Ok(digest)
+}
+
+/// Identity of a tarball file (canonical path, size, mtime, inode, device): the key under
+/// which its digest is remembered.
 fn rootfs_cache_key(canonical: &Path, meta: &fs::Metadata) -> u64 {
     let mut key = canonical.as_os_str().as_encoded_bytes().to_vec();
     for n in [

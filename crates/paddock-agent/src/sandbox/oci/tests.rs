@@ -686,12 +686,19 @@ async fn rootfs_directory_and_cached_tarball() {
         );
         let first = cached();
         assert_eq!(first.len(), 1, "{first:?}");
-        assert!(
-            first[0]
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("mini-")
+        // Keyed by the tarball's SHA-256, as `sha256sum` computes it.
+        let sum = std::process::Command::new("sha256sum")
+            .arg(&tarball)
+            .output()
+            .unwrap();
+        let sum = String::from_utf8_lossy(&sum.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            first[0].file_name().unwrap().to_string_lossy(),
+            format!("sha256-{sum}")
         );
         let inode = fs::metadata(&first[0]).unwrap().ino();
 
@@ -703,11 +710,34 @@ async fn rootfs_directory_and_cached_tarball() {
         assert_eq!(cached(), first);
         assert_eq!(fs::metadata(&first[0]).unwrap().ino(), inode);
 
-        // A changed tarball is extracted again.
-        let file = fs::OpenOptions::new().append(true).open(&tarball).unwrap();
+        // The same content under another name and a newer mtime: the same extraction.
+        let copy = dir.path().join("copy-of-mini.tar.gz");
+        fs::copy(&tarball, &copy).unwrap();
+        let file = fs::OpenOptions::new().append(true).open(&copy).unwrap();
         file.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
             .unwrap();
         drop(file);
+        let mut req = request(&dir, &argv);
+        req.rootfs = Some(copy);
+        let out = run(sb, req).await;
+        assert_eq!(out.status, ResultStatus::Succeeded);
+        assert_eq!(
+            cached(),
+            first,
+            "identical content must share one extraction"
+        );
+
+        // Changed content is extracted again.
+        fs::write(root.join(format!("extra-{}", tag(sb))), "x").unwrap();
+        let status = std::process::Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .arg("-czf")
+            .arg(&tarball)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(status.success());
         let mut req = request(&dir, &argv);
         req.rootfs = Some(tarball.clone());
         let out = run(sb, req).await;
