@@ -177,11 +177,7 @@ pub(crate) async fn wait_terminal(
         let notified = notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let task = state
-            .store
-            .get_task(org_id, task_id)
-            .await?
-            .ok_or_else(|| ApiError::not_found("task"))?;
+        let task = find_task(state, org_id, task_id).await?;
         if task.state.is_terminal() || tokio::time::Instant::now() >= deadline {
             return Ok(task);
         }
@@ -250,12 +246,17 @@ pub(crate) async fn get(
     Path((org_id, task_id)): Path<(String, String)>,
 ) -> Result<Json<TaskRow>, ApiError> {
     require_role(&principal, Role::Member)?;
-    let task = state
-        .store
-        .get_task(&org_id, &task_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("task"))?;
+    let task = find_task(&state, &org_id, &task_id).await?;
     Ok(Json(task))
+}
+
+/// A task of the org, or `404 NOT_FOUND`.
+async fn find_task(state: &AppState, org_id: &str, task_id: &str) -> Result<TaskRow, ApiError> {
+    state
+        .store
+        .get_task(org_id, task_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("task"))
 }
 
 /// Query of the task list.
@@ -329,11 +330,7 @@ pub(crate) async fn output(
     Query(q): Query<OutputQuery>,
 ) -> Result<Json<OutputPage>, ApiError> {
     require_role(&principal, Role::Member)?;
-    let task = state
-        .store
-        .get_task(&org_id, &task_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("task"))?;
+    let task = find_task(&state, &org_id, &task_id).await?;
     let attempt = q.attempt.unwrap_or(task.attempt);
     let chunks = state
         .store
@@ -360,11 +357,7 @@ pub(crate) async fn events(
     Path((org_id, task_id)): Path<(String, String)>,
 ) -> Result<Json<EventList>, ApiError> {
     require_role(&principal, Role::Member)?;
-    state
-        .store
-        .get_task(&org_id, &task_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("task"))?;
+    find_task(&state, &org_id, &task_id).await?;
     Ok(Json(EventList {
         events: state.store.list_events(&task_id).await?,
     }))
@@ -387,11 +380,7 @@ pub(crate) async fn cancel(
         .await?
     {
         None => {
-            state
-                .store
-                .get_task(&org_id, &task_id)
-                .await?
-                .ok_or_else(|| ApiError::not_found("task"))?;
+            find_task(&state, &org_id, &task_id).await?;
             Err(ApiError::new(
                 StatusCode::CONFLICT,
                 ErrorCode::InvalidRequest,
@@ -530,11 +519,7 @@ pub(crate) async fn stream(
     Path((org_id, task_id)): Path<(String, String)>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     require_role(&principal, Role::Member)?;
-    state
-        .store
-        .get_task(&org_id, &task_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("task"))?;
+    find_task(&state, &org_id, &task_id).await?;
     let notify = state.waiters.subscribe(&task_id);
     let streamer = Streamer {
         state,
