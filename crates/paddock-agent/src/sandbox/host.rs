@@ -271,19 +271,21 @@ mod tests {
     #[tokio::test]
     async fn process_ignoring_sigterm_is_killed_after_the_grace() {
         let dir = tempfile::tempdir().unwrap();
+        // 1.5 s: the shell must have installed its trap before the timeout, even on a
+        // loaded machine.
         let mut req = request(&dir, &["/bin/sh", "-c", "trap '' TERM; sleep 30"]);
-        req.timeout = Duration::from_millis(300);
+        req.timeout = Duration::from_millis(1500);
         req.kill_grace = Duration::from_millis(700);
         let start = StdInstant::now();
         let out = run(req).await;
         let elapsed = start.elapsed();
-        assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
-        assert!(elapsed >= Duration::from_millis(1000), "grace not honoured");
+        assert!(elapsed < Duration::from_secs(7), "took {elapsed:?}");
+        assert!(elapsed >= Duration::from_millis(2200), "grace not honoured");
         assert_eq!(out.status, ResultStatus::TimedOut);
         assert_eq!(out.signal, Some(Signal::SIGKILL as i32));
         assert_eq!(
             out.error_message.as_deref(),
-            Some("killed after timeout of 300ms")
+            Some("killed after timeout of 1500ms")
         );
     }
 
@@ -291,7 +293,8 @@ mod tests {
     async fn timeout_kills_grandchildren() {
         let dir = tempfile::tempdir().unwrap();
         let mut req = request(&dir, &["/bin/sh", "-c", "sleep 300 & echo $!; wait"]);
-        req.timeout = Duration::from_millis(500);
+        // Long enough for the shell to print the pid on a loaded machine.
+        req.timeout = Duration::from_millis(1500);
         let start = StdInstant::now();
         let out = run(req).await;
         assert!(start.elapsed() < Duration::from_secs(5));
