@@ -12,6 +12,7 @@
 #     stopped again on exit); the local image `paddock/busybox:test` (no registry needed).
 # Environment it exports to the tests:
 #   PADDOCK_TEST_PG_URL   admin URL of the throwaway cluster (each test creates its own DB)
+#   PADDOCK_TEST_S3_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY   a throwaway s3s-fs bucket
 # CARGO_TARGET_DIR defaults to /var/cache/paddock-target (kept between runs; may be empty).
 set -euo pipefail
 
@@ -63,6 +64,38 @@ log "starting throwaway PostgreSQL on 127.0.0.1:$pg_port"
   -o "-p $pg_port -k $pg_dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400" \
   start >/dev/null
 export PADDOCK_TEST_PG_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
+
+# --- S3 server (s3s-fs) for the bundle store contract tests ---------------------------
+# Installs s3s-fs when missing, serves a temp dir on a free loopback port with throwaway
+# keys, creates the bucket (a directory under its root) and exports PADDOCK_TEST_S3_URL,
+# AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY. Stopped by an EXIT trap of its own that
+# chains to the one above.
+start_s3() {
+  if ! command -v s3s-fs >/dev/null 2>&1; then
+    log "installing s3s-fs (cargo install, about 3 minutes once)"
+    cargo install s3s-fs --version 0.14.1 --locked --features binary --quiet
+  fi
+  s3_dir=$(mktemp -d /tmp/paddock-s3.XXXXXX)
+  mkdir -p "$s3_dir/data/paddock-test"
+  local port key secret
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  key="paddock$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
+  secret=$(od -An -N20 -tx1 /dev/urandom | tr -d ' \n')
+  log "starting s3s-fs on 127.0.0.1:$port"
+  s3s-fs --host 127.0.0.1 --port "$port" --access-key "$key" --secret-key "$secret" \
+    "$s3_dir/data" >"$s3_dir/log" 2>&1 &
+  s3_pid=$!
+  trap 'kill "$s3_pid" 2>/dev/null || true; wait "$s3_pid" 2>/dev/null || true; rm -rf "$s3_dir"; cleanup' EXIT
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.1
+  done
+  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null \
+    || { log "s3s-fs did not start:"; tail -20 "$s3_dir/log" >&2; exit 1; }
+  export AWS_ACCESS_KEY_ID=$key AWS_SECRET_ACCESS_KEY=$secret
+  export PADDOCK_TEST_S3_URL="s3://paddock-test?endpoint=http://127.0.0.1:$port&region=us-east-1"
+}
+start_s3
 
 # --- sandbox runtimes ---------------------------------------------------------------
 need_apt crun crun

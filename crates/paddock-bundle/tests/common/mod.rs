@@ -193,3 +193,147 @@ pub fn snapshot(root: &Path) -> BTreeMap<String, String> {
     walk(root, root, &mut out);
     out
 }
+
+/// A tiny HTTP file server on 127.0.0.1 for fetch tests: counts GETs, records `Range`
+/// headers, can ignore ranges, cut a response short, or wait before answering.
+pub mod server {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use axum::body::Body;
+    use axum::extract::{Path, State};
+    use axum::http::{HeaderMap, StatusCode, header};
+    use axum::response::{IntoResponse, Response};
+
+    #[derive(Default)]
+    pub struct Shared {
+        pub files: Mutex<HashMap<String, Vec<u8>>>,
+        pub gets: AtomicUsize,
+        pub ranges: Mutex<Vec<Option<String>>>,
+        pub ignore_range: AtomicBool,
+        /// Cut the next response after this many body bytes (then clear).
+        pub cut_after: Mutex<Option<usize>>,
+        pub delay_ms: AtomicU64,
+    }
+
+    pub struct TestServer {
+        pub base: String,
+        pub shared: Arc<Shared>,
+    }
+
+    impl TestServer {
+        pub async fn start() -> Self {
+            let shared = Arc::new(Shared::default());
+            let app = axum::Router::new()
+                .route("/f/{name}", axum::routing::get(serve))
+                .with_state(shared.clone());
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move {
+                axum::serve(listener, app).await.unwrap();
+            });
+            TestServer {
+                base: format!("http://{addr}"),
+                shared,
+            }
+        }
+
+        /// Serves `data` at `/f/<name>` and returns its URL.
+        pub fn add(&self, name: &str, data: Vec<u8>) -> String {
+            self.shared
+                .files
+                .lock()
+                .unwrap()
+                .insert(name.to_string(), data);
+            format!("{}/f/{name}", self.base)
+        }
+
+        pub fn gets(&self) -> usize {
+            self.shared.gets.load(Ordering::SeqCst)
+        }
+
+        pub fn ranges(&self) -> Vec<Option<String>> {
+            self.shared.ranges.lock().unwrap().clone()
+        }
+    }
+
+    async fn serve(
+        State(s): State<Arc<Shared>>,
+        Path(name): Path<String>,
+        headers: HeaderMap,
+    ) -> Response {
+        s.gets.fetch_add(1, Ordering::SeqCst);
+        let range = headers
+            .get(header::RANGE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        s.ranges.lock().unwrap().push(range.clone());
+        let delay = s.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
+        let Some(data) = s.files.lock().unwrap().get(&name).cloned() else {
+            return StatusCode::NOT_FOUND.into_response();
+        };
+        let len = data.len();
+        let start = match range {
+            Some(r) if !s.ignore_range.load(Ordering::SeqCst) => {
+                let n: usize = r
+                    .strip_prefix("bytes=")
+                    .and_then(|r| r.strip_suffix('-'))
+                    .and_then(|n| n.parse().ok())
+                    .unwrap();
+                if n >= len {
+                    return (
+                        StatusCode::RANGE_NOT_SATISFIABLE,
+                        [(header::CONTENT_RANGE, format!("bytes */{len}"))],
+                    )
+                        .into_response();
+                }
+                Some(n)
+            }
+            _ => None,
+        };
+        let body_data = data[start.unwrap_or(0)..].to_vec();
+        let body_len = body_data.len();
+        let cut = s.cut_after.lock().unwrap().take();
+        let body = match cut {
+            Some(k) => {
+                let first = bytes::Bytes::from(body_data[..k.min(body_len)].to_vec());
+                let stream = futures_util::stream::iter(vec![
+                    Ok(first),
+                    Err(std::io::Error::other("connection cut by the test server")),
+                ]);
+                Body::from_stream(stream)
+            }
+            None => Body::from(body_data),
+        };
+        let mut resp = Response::new(body);
+        resp.headers_mut().insert(
+            header::CONTENT_LENGTH,
+            body_len.to_string().parse().unwrap(),
+        );
+        if let Some(n) = start {
+            *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+            resp.headers_mut().insert(
+                header::CONTENT_RANGE,
+                format!("bytes {n}-{}/{len}", len - 1).parse().unwrap(),
+            );
+        }
+        resp
+    }
+}
+
+/// Deterministic pseudo-random bytes (incompressible enough for tests).
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
