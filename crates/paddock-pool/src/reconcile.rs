@@ -38,6 +38,9 @@ pub struct PlanConfig {
     pub max: u32,
     /// Optional desired size, clamped into `[min, max]`; raises the floor.
     pub target: Option<u32>,
+    /// Tasks per instance (0 = unlimited); given to the agents as their in-flight cap.
+    #[serde(default)]
+    pub max_use: u32,
     /// Not ready this long after creation: destroyed (0 = no deadline).
     pub boot_deadline_ms: u64,
     /// Disconnected this long: destroyed.

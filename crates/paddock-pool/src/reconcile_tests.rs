@@ -11,6 +11,7 @@ fn cfg(min: u32, max: u32, target: Option<u32>) -> PlanConfig {
         min,
         max,
         target,
+        max_use: 1,
         boot_deadline_ms: 60_000,
         disconnect_grace_ms: 30_000,
         orphan_grace_ms: 10_000,

@@ -44,6 +44,9 @@ use crate::provider::{Launch, Provider, ProviderInstance};
 use crate::reconcile::{self, Destroy, DestroyReason, Plan, PlanConfig, PlanInput};
 use crate::report::{Action, Inventory, REPORT_VERSION, Status, TimedError, Totals};
 
+/// Largest `PADDOCK_AGENT_MAX_IN_FLIGHT` the supervisor sets from `maxUse`.
+const MAX_IN_FLIGHT_CAP: u32 = 64;
+
 /// How many errors the status keeps across passes.
 const RECENT_ERRORS: usize = 20;
 
@@ -166,6 +169,7 @@ impl Supervisor {
             min: p.min,
             max: p.max,
             target: p.target,
+            max_use: p.max_use,
             boot_deadline_ms: p.boot_deadline_ms,
             disconnect_grace_ms: ms(self.cfg.disconnect_grace),
             orphan_grace_ms: ms(self.cfg.orphan_grace),
@@ -339,7 +343,7 @@ impl Supervisor {
             report.actions.push(action);
         }
         if plan.create > 0 {
-            let creates = join_all((0..plan.create).map(|_| self.create_one())).await;
+            let creates = join_all((0..plan.create).map(|_| self.create_one(config.max_use))).await;
             for a in creates {
                 match a.outcome.as_str() {
                     "done" => self.totals.created += 1,
@@ -435,7 +439,7 @@ impl Supervisor {
 
     /// POST an instance, then create its runtime; on provider failure: fail, destroy,
     /// terminate.
-    async fn create_one(&self) -> Action {
+    async fn create_one(&self, max_use: u32) -> Action {
         let created = match self.api.create_instance(&self.cfg.pool).await {
             Ok(c) => c,
             Err(e) if e.code() == Some(POOL_AT_CAPACITY) => {
@@ -460,14 +464,15 @@ impl Supervisor {
         } else {
             created.instance.org_id.clone()
         };
-        let launch = Launch::new(
-            &id,
-            &org,
-            &self.cfg.pool,
-            created.token.clone(),
-            &ws,
-            created.env.0.clone(),
-        );
+        let mut env = created.env.0.clone();
+        if max_use > 0 {
+            // An instance never holds more tasks at once than it may take in its life.
+            env.insert(
+                "PADDOCK_AGENT_MAX_IN_FLIGHT".into(),
+                max_use.min(MAX_IN_FLIGHT_CAP).to_string(),
+            );
+        }
+        let launch = Launch::new(&id, &org, &self.cfg.pool, created.token.clone(), &ws, env);
         match self.provider.create(&launch).await {
             Ok(()) => {
                 tracing::info!(instance = %id, "pool: created an instance");

@@ -433,6 +433,7 @@ async fn a_busy_refusal_skips_destruction() {
         min: 0,
         max: 4,
         target: None,
+        max_use: 1,
         boot_deadline_ms: 0,
         disconnect_grace_ms: 0,
         orphan_grace_ms: 0,

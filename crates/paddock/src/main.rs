@@ -5,6 +5,7 @@ mod agent_cmd;
 mod client;
 mod gateway_cmd;
 mod logging;
+mod pool_cmd;
 mod run_cmd;
 mod up_cmd;
 
@@ -47,6 +48,9 @@ enum Command {
     /// Create orgs (needs the gateway's service token).
     #[command(subcommand)]
     Org(run_cmd::OrgCommand),
+    /// Warm-pool supervisor: keep a pool of instances between --min and --max, sized to demand.
+    #[command(subcommand)]
+    Pool(pool_cmd::PoolCommand),
     /// Print the gateway's OpenAPI document (checked in as docs/openapi.json).
     Openapi,
 }
@@ -79,6 +83,7 @@ fn main() {
             Command::Run(args) => run_cmd::run(args).await,
             Command::Task(cmd) => run_cmd::task(cmd).await,
             Command::Org(cmd) => run_cmd::org(cmd).await,
+            Command::Pool(cmd) => pool_cmd::run(cmd).await,
             Command::Openapi => {
                 print!("{}", paddock_gateway::openapi::document_json());
                 Ok(0)
