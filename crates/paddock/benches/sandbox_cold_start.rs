@@ -1,8 +1,9 @@
 //! Cold start of `/bin/true` through each sandbox backend, side by side with the bare tools
-//! they compete with, in one run on one machine. Median and p90 of N runs after warm-up.
+//! they compete with, in one run on one machine: N rounds, each running every contender once
+//! (so that all of them see the same machine load), after 3 warm-up rounds; median and p90.
 //!
 //! Run: `bench/sandbox.sh` (release build, writes docs/BENCHMARKS.md), or
-//! `cargo bench --bench sandbox_cold_start -- [--runs N] [--markdown]`.
+//! `cargo bench --bench sandbox_cold_start -- [--runs N] [--markdown] [--only NAME,...]`.
 //! Needs root, and for the peers: bwrap, crun, runc, dockerd with `paddock/busybox:test`
 //! (`scripts/test.sh` sets all of these up). A contender that is missing is listed as such.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -16,13 +17,6 @@ use std::time::{Duration, Instant};
 use paddock_agent::sandbox::{Limits, RunRequest, Sandbox};
 use paddock_proto::NetworkMode;
 
-struct Row {
-    name: String,
-    what: String,
-    samples: Vec<Duration>,
-    note: Option<String>,
-}
-
 fn stats(samples: &mut [Duration]) -> (f64, f64) {
     samples.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -31,71 +25,88 @@ fn stats(samples: &mut [Duration]) -> (f64, f64) {
     (median, p90)
 }
 
-fn time_command(mut make: impl FnMut() -> Command, runs: usize) -> Result<Vec<Duration>, String> {
-    let mut out = Vec::with_capacity(runs);
-    for i in 0..runs + 3 {
-        let mut cmd = make();
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let t0 = Instant::now();
-        let o = cmd.output().map_err(|e| e.to_string())?;
-        let dt = t0.elapsed();
-        if !o.status.success() {
-            return Err(format!(
-                "{:?}: {}",
-                o.status,
-                String::from_utf8_lossy(&o.stderr).trim()
-            ));
-        }
-        if i >= 3 {
-            out.push(dt);
-        }
+/// One contender: how to time one run of it.
+enum How {
+    /// A backend, through the `Sandbox` trait as the agent calls it (`net_default`: with
+    /// the default network, for `host`, which refuses `none`).
+    Backend {
+        sandbox: Arc<dyn Sandbox>,
+        scratch: PathBuf,
+        net_default: bool,
+    },
+    /// A command line, run to completion.
+    Command(Box<dyn FnMut() -> Command>),
+    /// Not available here, and why.
+    Missing(String),
+}
+
+struct Contender {
+    name: String,
+    what: String,
+    how: How,
+    /// At most this many measured runs (docker run is slow).
+    max_runs: usize,
+    samples: Vec<Duration>,
+}
+
+fn time_command(cmd: &mut Command) -> Result<Duration, String> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let t0 = Instant::now();
+    let o = cmd.output().map_err(|e| e.to_string())?;
+    let dt = t0.elapsed();
+    if !o.status.success() {
+        return Err(format!(
+            "{:?}: {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        ));
     }
-    Ok(out)
+    Ok(dt)
 }
 
 async fn time_backend(
     b: &Arc<dyn Sandbox>,
     scratch: &Path,
-    runs: usize,
-) -> Result<Vec<Duration>, String> {
-    let mut out = Vec::with_capacity(runs);
-    for i in 0..runs + 3 {
-        let workdir = scratch.join(format!("w{i}"));
-        std::fs::create_dir_all(&workdir).unwrap();
-        let req = RunRequest {
-            task_id: format!("bench{i}"),
-            attempt: 1,
-            argv: vec!["/bin/true".into()],
-            env: BTreeMap::from([("PATH".into(), "/usr/bin:/bin".into())]),
-            stdin: None,
-            workdir: workdir.clone(),
-            timeout: Duration::from_secs(30),
-            kill_grace: Duration::from_millis(500),
-            network: NetworkMode::None,
-            output_max_chars: 65_536,
-            limits: Limits::default(),
-            rootfs: None,
-        };
-        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
-        let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
-        let t0 = Instant::now();
-        let o = b
-            .run(req, tx, tokio_util::sync::CancellationToken::new())
-            .await
-            .map_err(|e| e.to_string())?;
-        let dt = t0.elapsed();
-        drain.await.unwrap();
-        let _ = std::fs::remove_dir_all(&workdir);
-        if o.exit_code != Some(0) {
-            return Err(format!("{o:?}"));
-        }
-        if i >= 3 {
-            out.push(dt);
-        }
+    i: usize,
+    net_default: bool,
+) -> Result<Duration, String> {
+    let workdir = scratch.join(format!("w{i}"));
+    std::fs::create_dir_all(&workdir).unwrap();
+    let req = RunRequest {
+        task_id: format!("bench{i}"),
+        attempt: 1,
+        argv: vec!["/bin/true".into()],
+        env: BTreeMap::from([("PATH".into(), "/usr/bin:/bin".into())]),
+        stdin: None,
+        workdir: workdir.clone(),
+        timeout: Duration::from_secs(30),
+        kill_grace: Duration::from_millis(500),
+        // The host backend refuses networkMode none; it is timed with the default network.
+        network: if net_default {
+            NetworkMode::Default
+        } else {
+            NetworkMode::None
+        },
+        output_max_chars: 65_536,
+        limits: Limits::default(),
+        rootfs: None,
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+    let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let t0 = Instant::now();
+    let o = b
+        .run(req, tx, tokio_util::sync::CancellationToken::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    let dt = t0.elapsed();
+    drain.await.unwrap();
+    let _ = std::fs::remove_dir_all(&workdir);
+    if o.exit_code != Some(0) {
+        return Err(format!("{o:?}"));
     }
-    Ok(out)
+    Ok(dt)
 }
 
 /// A minimal OCI bundle running /bin/true from a busybox rootfs, for bare crun/runc.
@@ -134,196 +145,80 @@ fn which(name: &str) -> bool {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let runs = args
-        .iter()
-        .position(|a| a == "--runs")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(50);
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let runs: usize = arg("--runs").and_then(|n| n.parse().ok()).unwrap_or(50);
+    // `--only a,b`: just the contenders whose name contains one of these (for profiling).
+    let only: Option<Vec<String>> =
+        arg("--only").map(|s| s.split(',').map(str::to_string).collect());
+    let want = |name: &str| {
+        only.as_ref()
+            .is_none_or(|o| o.iter().any(|w| name.contains(w.as_str())))
+    };
     let markdown = args.iter().any(|a| a == "--markdown");
     let dir = tempfile::tempdir().unwrap();
-    let mut rows = Vec::new();
-    let mut push = |name: &str, what: &str, r: Result<Vec<Duration>, String>| match r {
-        Ok(samples) => rows.push(Row {
-            name: name.into(),
-            what: what.into(),
-            samples,
-            note: None,
-        }),
-        Err(e) => rows.push(Row {
-            name: name.into(),
-            what: what.into(),
-            samples: Vec::new(),
-            note: Some(e),
-        }),
-    };
+    let mut all = contenders(dir.path(), runs).await;
+    all.retain(|c| want(&c.name));
 
-    // Paddock backends, through the Sandbox trait exactly as the agent calls them.
-    let host: Arc<dyn Sandbox> = Arc::new(paddock_agent::sandbox::host::HostSandbox::new());
-    push(
-        "paddock host",
-        "no isolation: process group, caps, timeout",
-        {
-            // The host backend refuses networkMode none; time it with the default network.
-            let b = host.clone();
-            let scratch = dir.path().join("host");
-            time_backend_net_default(&b, &scratch, runs).await
-        },
-    );
-    let process = paddock_agent::sandbox::process::ProcessSandbox::detect(
-        env!("CARGO_BIN_EXE_paddock").into(),
-        dir.path().join("process-scratch"),
-    );
-    push(
-        "paddock process",
-        "mount+pid+ipc+uts+net ns, cgroup limits, Landlock, seccomp, uid 65534",
-        match process {
-            Ok(b) => {
-                time_backend(
-                    &(Arc::new(b) as Arc<dyn Sandbox>),
-                    &dir.path().join("process"),
-                    runs,
-                )
-                .await
+    // Round-robin: round i runs every contender once, so that all of them see the same
+    // machine load (other builds come and go); the first WARMUP rounds are not counted.
+    const WARMUP: usize = 3;
+    for i in 0..runs + WARMUP {
+        for c in &mut all {
+            if i >= c.max_runs + WARMUP {
+                continue;
             }
-            Err(e) => Err(e),
-        },
-    );
-    for (name, what, b) in extra_backends(dir.path()).await {
-        let scratch = dir.path().join(name.replace(' ', "-"));
-        push(
-            &name,
-            &what,
-            match b {
-                Ok(b) => time_backend(&b, &scratch, runs).await,
-                Err(e) => Err(e),
-            },
-        );
-    }
-
-    // Peers.
-    push(
-        "bwrap",
-        "bwrap --unshare-all --die-with-parent /bin/true",
-        if which("bwrap") {
-            time_command(
-                || {
-                    let mut c = Command::new("bwrap");
-                    c.args([
-                        "--unshare-all",
-                        "--die-with-parent",
-                        "--ro-bind",
-                        "/usr",
-                        "/usr",
-                        "--symlink",
-                        "usr/bin",
-                        "/bin",
-                        "--symlink",
-                        "usr/lib",
-                        "/lib",
-                        "--symlink",
-                        "usr/lib64",
-                        "/lib64",
-                        "--proc",
-                        "/proc",
-                        "--dev",
-                        "/dev",
-                        "--tmpfs",
-                        "/tmp",
-                        "/bin/true",
-                    ]);
-                    c
-                },
-                runs,
-            )
-        } else {
-            Err("bwrap not installed".into())
-        },
-    );
-    for rt in ["crun", "runc"] {
-        let r = if which(rt) {
-            match busybox_bundle(dir.path(), rt) {
-                Ok(bundle) => {
-                    let mut n = 0u64;
-                    time_command(
-                        || {
-                            n += 1;
-                            let mut c = Command::new(rt);
-                            c.args(["--root"])
-                                .arg(dir.path().join(format!("state-{rt}")))
-                                .args(["run", "--bundle"])
-                                .arg(&bundle)
-                                .arg(format!("bench-{rt}-{n}"));
-                            c
-                        },
-                        runs,
-                    )
+            let result = match &mut c.how {
+                How::Missing(_) => continue,
+                How::Backend {
+                    sandbox,
+                    scratch,
+                    net_default,
+                } => time_backend(sandbox, scratch, i, *net_default).await,
+                How::Command(make) => time_command(&mut make()),
+            };
+            match result {
+                Ok(dt) if i >= WARMUP => c.samples.push(dt),
+                Ok(_) => {}
+                Err(e) => {
+                    c.how = How::Missing(e);
+                    c.samples.clear();
                 }
-                Err(e) => Err(e),
             }
-        } else {
-            Err(format!("{rt} not installed"))
-        };
-        push(
-            &format!("bare {rt}"),
-            &format!("{rt} run (busybox bundle, default spec)"),
-            r,
-        );
+        }
     }
-    push(
-        "docker run",
-        "docker run --rm --network none paddock/busybox:test true",
-        if which("docker") {
-            time_command(
-                || {
-                    let mut c = Command::new("docker");
-                    c.args([
-                        "run",
-                        "--rm",
-                        "--network",
-                        "none",
-                        "paddock/busybox:test",
-                        "true",
-                    ]);
-                    c
-                },
-                runs.min(20),
-            )
-        } else {
-            Err("docker not installed".into())
-        },
-    );
 
     if markdown {
         println!("| contender | what it does | median ms | p90 ms | runs |");
         println!("|---|---|---:|---:|---:|");
     }
-    for row in &mut rows {
-        match &row.note {
-            Some(note) => {
+    for c in &mut all {
+        match &c.how {
+            How::Missing(note) => {
                 if markdown {
                     println!(
                         "| {} | {} | n/a | n/a | 0 ({}) |",
-                        row.name,
-                        row.what,
+                        c.name,
+                        c.what,
                         note.replace('|', "/")
                     );
                 } else {
-                    println!("{:<22} unavailable: {note}", row.name);
+                    println!("{:<22} unavailable: {note}", c.name);
                 }
             }
-            None => {
-                let n = row.samples.len();
-                let (median, p90) = stats(&mut row.samples);
+            _ => {
+                let n = c.samples.len();
+                let (median, p90) = stats(&mut c.samples);
                 if markdown {
-                    println!(
-                        "| {} | {} | {median:.1} | {p90:.1} | {n} |",
-                        row.name, row.what
-                    );
+                    println!("| {} | {} | {median:.1} | {p90:.1} | {n} |", c.name, c.what);
                 } else {
                     println!(
                         "{:<22} median {median:>7.1} ms   p90 {p90:>7.1} ms   ({n} runs)",
-                        row.name
+                        c.name
                     );
                 }
             }
@@ -331,52 +226,50 @@ async fn main() {
     }
 }
 
-async fn time_backend_net_default(
-    b: &Arc<dyn Sandbox>,
-    scratch: &Path,
-    runs: usize,
-) -> Result<Vec<Duration>, String> {
-    // Same as time_backend with the default network (host cannot do `none`).
-    struct NetDefault(Arc<dyn Sandbox>);
-    impl Sandbox for NetDefault {
-        fn name(&self) -> &'static str {
-            self.0.name()
-        }
-        fn check(
-            &self,
-            s: &paddock_proto::SandboxSpec,
-        ) -> Result<(), paddock_agent::sandbox::SandboxError> {
-            self.0.check(s)
-        }
-        fn run<'a>(
-            &'a self,
-            mut req: RunRequest,
-            output: tokio::sync::mpsc::Sender<paddock_agent::sandbox::OutputChunk>,
-            cancel: tokio_util::sync::CancellationToken,
-        ) -> paddock_agent::sandbox::BoxFuture<
-            'a,
-            Result<paddock_agent::sandbox::RunOutcome, paddock_agent::sandbox::SandboxError>,
-        > {
-            req.network = NetworkMode::Default;
-            self.0.run(req, output, cancel)
-        }
-    }
-    time_backend(
-        &(Arc::new(NetDefault(b.clone())) as Arc<dyn Sandbox>),
-        scratch,
-        runs,
-    )
-    .await
-}
-
-/// The container backends, when present on this machine.
-/// (name, what it does, the backend or why it is missing).
-type Contender = (String, String, Result<Arc<dyn Sandbox>, String>);
-
-async fn extra_backends(dir: &Path) -> Vec<Contender> {
+/// Every contender, in table order: the paddock backends (through the `Sandbox` trait,
+/// exactly as the agent calls them), then the peers.
+async fn contenders(dir: &Path, runs: usize) -> Vec<Contender> {
     use paddock_agent::sandbox::docker::{DockerConfig, DockerSandbox};
     use paddock_agent::sandbox::oci::{OciConfig, OciSandbox};
-    let mut out: Vec<Contender> = Vec::new();
+    let contender = |name: &str, what: &str, how: How| Contender {
+        name: name.into(),
+        what: what.into(),
+        how,
+        max_runs: runs,
+        samples: Vec::new(),
+    };
+    let backend = |b: Result<Arc<dyn Sandbox>, String>, scratch: &str, net_default: bool| match b {
+        Ok(sandbox) => How::Backend {
+            sandbox,
+            scratch: dir.join(scratch),
+            net_default,
+        },
+        Err(e) => How::Missing(e),
+    };
+    let mut out = vec![
+        contender(
+            "paddock host",
+            "no isolation: process group, caps, timeout",
+            backend(
+                Ok(Arc::new(paddock_agent::sandbox::host::HostSandbox::new())),
+                "host",
+                true,
+            ),
+        ),
+        contender(
+            "paddock process",
+            "mount+pid+ipc+uts+net ns, cgroup limits, Landlock, seccomp, uid 65534",
+            backend(
+                paddock_agent::sandbox::process::ProcessSandbox::detect(
+                    env!("CARGO_BIN_EXE_paddock").into(),
+                    dir.join("process-scratch"),
+                )
+                .map(|b| Arc::new(b) as Arc<dyn Sandbox>),
+                "process",
+                false,
+            ),
+        ),
+    ];
     for rt in ["crun", "runc"] {
         let cfg = OciConfig {
             runtime: Some(rt.into()),
@@ -384,23 +277,117 @@ async fn extra_backends(dir: &Path) -> Vec<Contender> {
         };
         let b = tokio::task::spawn_blocking(move || OciSandbox::detect(cfg))
             .await
-            .unwrap();
-        out.push((
-            format!("paddock oci ({rt})"),
-            format!("generated OCI spec (host root view, limits, seccomp) run by {rt}, OOM/pids counters, cleanup"),
-            b.map(|b| Arc::new(b) as Arc<dyn Sandbox>),
+            .unwrap()
+            .map(|b| Arc::new(b) as Arc<dyn Sandbox>);
+        out.push(contender(
+            &format!("paddock oci ({rt})"),
+            &format!(
+                "generated OCI spec (host root view, limits, seccomp) run by {rt}, OOM/pids counters, cleanup"
+            ),
+            backend(b, &format!("oci-{rt}-runs"), false),
         ));
     }
     let cfg = DockerConfig {
         image: "paddock/busybox:test".into(),
         ..DockerConfig::default()
     };
-    out.push((
-        "paddock docker".into(),
-        "Engine API: create, attach, start, wait, inspect, remove".into(),
-        DockerSandbox::connect(cfg)
-            .await
-            .map(|b| Arc::new(b) as Arc<dyn Sandbox>),
+    out.push(contender(
+        "paddock docker",
+        "Engine API: create, attach, start, wait, inspect, remove",
+        backend(
+            DockerSandbox::connect(cfg)
+                .await
+                .map(|b| Arc::new(b) as Arc<dyn Sandbox>),
+            "docker",
+            false,
+        ),
     ));
+
+    // Peers.
+    out.push(contender(
+        "bwrap",
+        "bwrap --unshare-all --die-with-parent /bin/true",
+        if which("bwrap") {
+            How::Command(Box::new(|| {
+                let mut c = Command::new("bwrap");
+                c.args([
+                    "--unshare-all",
+                    "--die-with-parent",
+                    "--ro-bind",
+                    "/usr",
+                    "/usr",
+                    "--symlink",
+                    "usr/bin",
+                    "/bin",
+                    "--symlink",
+                    "usr/lib",
+                    "/lib",
+                    "--symlink",
+                    "usr/lib64",
+                    "/lib64",
+                    "--proc",
+                    "/proc",
+                    "--dev",
+                    "/dev",
+                    "--tmpfs",
+                    "/tmp",
+                    "/bin/true",
+                ]);
+                c
+            }))
+        } else {
+            How::Missing("bwrap not installed".into())
+        },
+    ));
+    for rt in ["crun", "runc"] {
+        let how = if which(rt) {
+            match busybox_bundle(dir, rt) {
+                Ok(bundle) => {
+                    let state = dir.join(format!("state-{rt}"));
+                    let mut n = 0u64;
+                    How::Command(Box::new(move || {
+                        n += 1;
+                        let mut c = Command::new(rt);
+                        c.arg("--root")
+                            .arg(&state)
+                            .args(["run", "--bundle"])
+                            .arg(&bundle)
+                            .arg(format!("bench-{rt}-{n}"));
+                        c
+                    }))
+                }
+                Err(e) => How::Missing(e),
+            }
+        } else {
+            How::Missing(format!("{rt} not installed"))
+        };
+        out.push(contender(
+            &format!("bare {rt}"),
+            &format!("{rt} run (busybox bundle, default spec)"),
+            how,
+        ));
+    }
+    let mut docker_run = contender(
+        "docker run",
+        "docker run --rm --network none paddock/busybox:test true",
+        if which("docker") {
+            How::Command(Box::new(|| {
+                let mut c = Command::new("docker");
+                c.args([
+                    "run",
+                    "--rm",
+                    "--network",
+                    "none",
+                    "paddock/busybox:test",
+                    "true",
+                ]);
+                c
+            }))
+        } else {
+            How::Missing("docker not installed".into())
+        },
+    );
+    docker_run.max_runs = runs.min(20);
+    out.push(docker_run);
     out
 }

@@ -7,6 +7,7 @@
 //! `process`, `oci`, `docker` and `vm` backends implement the same trait.
 
 pub(crate) mod cgroup;
+pub(crate) mod cleanup;
 pub mod docker;
 pub mod host;
 pub mod oci;
@@ -235,6 +236,15 @@ pub trait Sandbox: Send + Sync {
         output: mpsc::Sender<OutputChunk>,
         cancel: CancellationToken,
     ) -> BoxFuture<'a, Result<RunOutcome, SandboxError>>;
+
+    /// Waits until the clean-up of finished runs is done. `run` returns as soon as the
+    /// outcome is known and no process of the run is alive; removing what the run created
+    /// (cgroups, containers, bundles) may go on in the background after that
+    /// (`sandbox::cleanup`). Once this returns, nothing of a run that returned before the
+    /// call is left. The agent awaits it before exiting; tests before checking for leftovers.
+    fn settle(&self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// Backends found on this machine, and for each one left out, why.

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use super::super::SandboxError;
 use super::super::cgroup::{self, Cgroup};
+use super::super::cleanup::Cleanups;
 use super::super::supervise::signal_group;
 
 /// Bound on one `kill`/`delete`/`list` invocation of the runtime.
@@ -399,8 +400,10 @@ impl Cleanup {
     }
 }
 
-/// Runs the cleanup when dropped (from a thread: `Drop` cannot wait), unless it was taken.
+/// Hands the cleanup to the background [`Cleanups`] when dropped (`Drop` cannot wait),
+/// unless it was taken.
 pub(super) struct CleanupGuard {
+    pub(super) cleanups: Cleanups,
     pub(super) job: Option<Cleanup>,
 }
 
@@ -420,12 +423,7 @@ impl CleanupGuard {
 impl Drop for CleanupGuard {
     fn drop(&mut self) {
         if let Some(job) = self.job.take() {
-            let spawned = std::thread::Builder::new()
-                .name("paddock-oci-cleanup".into())
-                .spawn(move || job.run());
-            if let Err(err) = spawned {
-                tracing::warn!(error = %err, "oci sandbox: cannot start the cleanup thread");
-            }
+            self.cleanups.spawn("oci", move || job.run());
         }
     }
 }

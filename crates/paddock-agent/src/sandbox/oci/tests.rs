@@ -83,7 +83,7 @@ async fn run(sandbox: &OciSandbox, req: RunRequest) -> RunOutcome {
         Ok(outcome) => outcome,
         Err(err) => panic!("[{}] run failed: {err}", sandbox.runtime_name()),
     };
-    assert_clean(sandbox, &name);
+    assert_clean(sandbox, &name).await;
     outcome
 }
 
@@ -98,8 +98,10 @@ fn listed(sandbox: &OciSandbox) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// No container, bundle or cgroup of run `name` is left.
-fn assert_clean(sandbox: &OciSandbox, name: &str) {
+/// Once the backend's background clean-ups are done, no container, bundle or cgroup of
+/// run `name` is left.
+async fn assert_clean(sandbox: &OciSandbox, name: &str) {
+    sandbox.settle().await;
     let leftovers = leftovers(sandbox, name);
     assert!(
         leftovers.is_empty(),
@@ -153,7 +155,7 @@ async fn captures_output_and_exit_status() {
         let name = sanitize_name(&format!("{}-1", req.task_id));
         let (result, chunks) = run_collect(sb, req, CancellationToken::new()).await;
         let out = result.unwrap();
-        assert_clean(sb, &name);
+        assert_clean(sb, &name).await;
         assert_eq!(out.status, ResultStatus::Succeeded, "[{}] {out:?}", tag(sb));
         assert_eq!(out.exit_code, Some(0));
         assert_eq!(out.signal, None);
@@ -464,7 +466,7 @@ async fn cancel_stops_the_container() {
         assert!(start.elapsed() < Duration::from_secs(6), "[{}]", tag(sb));
         assert_eq!(out.status, ResultStatus::Canceled, "[{}] {out:?}", tag(sb));
         assert_eq!(out.error_code, Some(ErrorCode::TaskCanceled));
-        assert_clean(sb, &name);
+        assert_clean(sb, &name).await;
     }
 }
 
@@ -487,7 +489,7 @@ async fn dropping_the_run_removes_the_container() {
         while !leftovers(sb, &name).is_empty() && StdInstant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert_clean(sb, &name);
+        assert_clean(sb, &name).await;
     }
 }
 
@@ -525,7 +527,7 @@ async fn detect_removes_containers_left_by_a_crashed_agent() {
             state_dir: sb.state_dir.clone(),
         })
         .unwrap();
-        assert_clean(&again, &name);
+        assert_clean(&again, &name).await;
     }
 }
 
@@ -540,7 +542,7 @@ async fn output_flood_is_capped_and_completes() {
         let name = sanitize_name(&format!("{}-1", req.task_id));
         let (result, chunks) = run_collect(sb, req, CancellationToken::new()).await;
         let out = result.unwrap();
-        assert_clean(sb, &name);
+        assert_clean(sb, &name).await;
         assert_eq!(out.status, ResultStatus::Succeeded, "[{}]", tag(sb));
         assert_eq!(out.stdout.len(), 1000);
         assert!(out.stdout.chars().all(|c| c == 'a'));
@@ -810,7 +812,7 @@ async fn setup_and_spawn_failures_are_errors() {
             }
             other => panic!("[{}] expected SpawnFailed, got {other:?}", tag(sb)),
         }
-        assert_clean(sb, &name);
+        assert_clean(sb, &name).await;
 
         let mut req = request(&dir, &["/bin/true"]);
         req.rootfs = Some(broken.clone());
@@ -823,7 +825,7 @@ async fn setup_and_spawn_failures_are_errors() {
             "[{}] {err:?}",
             tag(sb)
         );
-        assert_clean(sb, &name);
+        assert_clean(sb, &name).await;
 
         let mut req = request(&dir, &["/bin/true"]);
         req.rootfs = Some(src.path().join("nothing-here.tar"));
@@ -866,6 +868,8 @@ fn check_accepts_every_network_mode() {
         keep: false,
         state_dir: PathBuf::from("/nonexistent"),
         cgroups: CgroupLayout::default(),
+        host_view: (PathBuf::from("/nonexistent/hostview"), Vec::new()),
+        cleanups: Cleanups::default(),
     };
     assert_eq!(sandbox.name(), "oci");
     for mode in [None, Some(NetworkMode::None), Some(NetworkMode::Default)] {

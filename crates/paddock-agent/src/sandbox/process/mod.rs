@@ -7,7 +7,11 @@
 //! read-only view of the root with `/work` writable and a private `/tmp`, drops to an
 //! unprivileged user, and applies rlimits, Landlock and seccomp ([`seccomp`]) before
 //! executing the task. Afterwards the cgroup tells whether the OOM killer or the pids limit
-//! struck, and everything left in it is killed.
+//! struck, and everything left in it is killed. The outcome is returned then; removing the
+//! cgroup and the run's status file is left to a background job (`sandbox::cleanup`,
+//! awaited by [`Sandbox::settle`]). All runs mount their new root on one empty directory,
+//! `<scratch>/root`, each in its own mount namespace, so a run creates no directory on the
+//! host's file system besides its cgroups.
 
 pub mod init;
 mod seccomp;
@@ -20,6 +24,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::cgroup::{Cgroup, CgroupLayout, Counters, RunLayout};
+use super::cleanup::Cleanups;
 use super::policy;
 use super::supervise::supervise;
 use super::{BoxFuture, OutputChunk, RunOutcome, RunRequest, Sandbox, SandboxError, safe_name};
@@ -30,6 +35,11 @@ pub struct ProcessSandbox {
     init_exe: PathBuf,
     layout: RunLayout,
     scratch: PathBuf,
+    /// `<scratch>/root`: the empty directory every run mounts its new root on. Shared: each
+    /// init mounts its tmpfs there in its own, private mount namespace.
+    new_root: PathBuf,
+    /// Removal of the runs' cgroups and status files, in the background.
+    cleanups: Cleanups,
 }
 
 impl ProcessSandbox {
@@ -37,8 +47,9 @@ impl ProcessSandbox {
     pub const NAME: &'static str = "process";
 
     /// Checks the host can run it: root (to create namespaces and mount), usable cgroups,
-    /// and the `paddock` executable that serves as the sandbox init. `scratch` holds per-run
-    /// mount points and status files.
+    /// and the `paddock` executable that serves as the sandbox init. `scratch` holds the
+    /// runs' mount point (shared) and status files (one per run); what an earlier agent left
+    /// there is removed.
     ///
     /// # Errors
     /// Why the backend is unavailable.
@@ -52,10 +63,28 @@ impl ProcessSandbox {
         let layout = CgroupLayout::detect().run_layout()?;
         std::fs::create_dir_all(&scratch)
             .map_err(|e| format!("creating {}: {e}", scratch.display()))?;
+        let new_root = scratch.join("root");
+        if let Ok(entries) = std::fs::read_dir(&scratch) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path == new_root {
+                    continue;
+                }
+                let _ = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+            }
+        }
+        std::fs::create_dir_all(&new_root)
+            .map_err(|e| format!("creating {}: {e}", new_root.display()))?;
         Ok(ProcessSandbox {
             init_exe,
             layout,
             scratch,
+            new_root,
+            cleanups: Cleanups::default(),
         })
     }
 }
@@ -77,21 +106,49 @@ impl Sandbox for ProcessSandbox {
     ) -> BoxFuture<'a, Result<RunOutcome, SandboxError>> {
         Box::pin(self.run_process(req, output, cancel))
     }
+
+    fn settle(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.cleanups.settle())
+    }
 }
 
-/// Removes the run's cgroup and scratch directory, also when the run future is dropped.
+/// Kills what is left in the run's cgroup and removes it and the status file, also when the
+/// run future is dropped: the kill at once, the removal in the background ([`Cleanups`]).
 struct RunGuard {
     cgroup: Option<Cgroup>,
-    scratch: PathBuf,
+    status_file: PathBuf,
+    cleanups: Cleanups,
+}
+
+impl RunGuard {
+    /// Kills everything left in the cgroup, reads its counters, then hands the removal over.
+    fn finish(&mut self) -> Counters {
+        let cgroup = self.cgroup.take();
+        let counters = match &cgroup {
+            Some(cg) => {
+                cg.kill_all();
+                cg.counters()
+            }
+            None => Counters::default(),
+        };
+        let status_file = std::mem::take(&mut self.status_file);
+        self.cleanups.spawn("process", move || {
+            if let Some(cg) = cgroup {
+                cg.remove();
+            }
+            if !status_file.as_os_str().is_empty() {
+                let _ = std::fs::remove_file(&status_file);
+            }
+        });
+        counters
+    }
 }
 
 impl Drop for RunGuard {
     fn drop(&mut self) {
-        if let Some(cg) = self.cgroup.take() {
-            cg.kill_all();
-            cg.remove();
+        if self.cgroup.is_some() || !self.status_file.as_os_str().is_empty() {
+            let _ = self.finish();
         }
-        let _ = std::fs::remove_dir_all(&self.scratch);
     }
 }
 
@@ -132,14 +189,21 @@ impl ProcessSandbox {
     ) -> Result<RunOutcome, SandboxError> {
         let program = req.program()?.to_string();
         let id = sanitize(&format!("{}-{}", req.task_id, req.attempt));
-        let scratch = self.scratch.join(&id);
-        let _ = std::fs::remove_dir_all(&scratch);
-        let new_root = scratch.join("root");
-        std::fs::create_dir_all(&new_root)
-            .map_err(|e| SandboxError::Setup(format!("creating {}: {e}", new_root.display())))?;
+        let status_file = self.scratch.join(format!("{id}.status"));
+        match std::fs::remove_file(&status_file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(SandboxError::Setup(format!(
+                    "removing {}: {e}",
+                    status_file.display()
+                )));
+            }
+        }
         let mut guard = RunGuard {
             cgroup: None,
-            scratch: scratch.clone(),
+            status_file: status_file.clone(),
+            cleanups: self.cleanups.clone(),
         };
         nix::unistd::chown(
             &req.workdir,
@@ -148,7 +212,6 @@ impl ProcessSandbox {
         )
         .map_err(|e| SandboxError::Setup(format!("chown {}: {e}", req.workdir.display())))?;
         let cg = Cgroup::create(&self.layout, &id, &req.limits).map_err(SandboxError::Setup)?;
-        let status_file = scratch.join("status");
         let spec = init::InitSpec {
             argv: req.argv.clone(),
             env: req
@@ -157,7 +220,7 @@ impl ProcessSandbox {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             rootfs: req.rootfs.clone().unwrap_or_else(|| PathBuf::from("/")),
-            new_root,
+            new_root: self.new_root.clone(),
             workdir: req.workdir.clone(),
             network_none: req.network == NetworkMode::None,
             cgroup_procs: cg.procs_files(),
@@ -175,20 +238,10 @@ impl ProcessSandbox {
         let limits = req.limits;
         let mut outcome = supervise(cmd, &program, req, output, cancel).await?;
 
-        // Whatever is still in the cgroup goes; then read what happened.
-        let cg = guard.cgroup.take();
-        let counters = match &cg {
-            Some(cg) => {
-                cg.kill_all();
-                cg.counters()
-            }
-            None => Counters::default(),
-        };
-        if let Some(cg) = &cg {
-            cg.remove();
-        }
+        // Whatever is still in the cgroup goes; then read what happened. The cgroup and the
+        // status file are removed in the background.
         let reported = read_status(&status_file);
-        drop(guard);
+        let counters = guard.finish();
         if let Some(msg) = reported.setup {
             return Err(SandboxError::Setup(msg));
         }
