@@ -96,11 +96,15 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let tls = tls::client_config(runner.settings().tls_ca_file.as_deref())?;
     let mut backoff = Duration::from_millis(100);
+    let mut token = creds.agent_token.clone();
     loop {
         if shutdown.is_cancelled() && runner.is_empty() {
             return Ok(());
         }
-        match connect(&creds.gateway_ws_url, &creds.agent_token, tls.clone()).await {
+        if let Some(fresh) = runner.take_renewed_token() {
+            token = fresh;
+        }
+        match connect(&creds.gateway_ws_url, &token, tls.clone()).await {
             Ok(ws) => {
                 let connected_at = tokio::time::Instant::now();
                 let (sink, stream) = ws.split();

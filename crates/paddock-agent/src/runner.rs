@@ -45,6 +45,8 @@ pub struct Runner {
     drain_until: Mutex<Option<tokio::time::Instant>>,
     /// Wakes the session when a log grows.
     pub changed: Arc<Notify>,
+    /// A fresh instance token from `hello_ok` (instances on `/ws/vm`), for the next connect.
+    renewed_token: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for dyn Sandbox {
@@ -58,6 +60,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Runner {
+    /// Keeps a fresh instance token for the next connection.
+    pub fn set_renewed_token(&self, token: String) {
+        *lock(&self.renewed_token) = Some(token);
+    }
+
+    /// Takes the instance token kept by [`Runner::set_renewed_token`], if any.
+    pub fn take_renewed_token(&self) -> Option<String> {
+        lock(&self.renewed_token).take()
+    }
+
     /// A runner with only the `host` backend.
     pub fn new(settings: AgentSettings) -> Arc<Runner> {
         Runner::with_backends(settings, vec![Arc::new(HostSandbox::new())])
@@ -75,6 +87,7 @@ impl Runner {
             slots: Mutex::new(HashMap::new()),
             drain_until: Mutex::new(None),
             changed: Arc::new(Notify::new()),
+            renewed_token: Mutex::new(None),
         })
     }
 

@@ -65,6 +65,9 @@ where
                     for t in ok.cancel {
                         runner.cancel(&t.task_id, t.attempt);
                     }
+                    if let Some(token) = ok.instance_token {
+                        runner.set_renewed_token(token);
+                    }
                     Duration::from_millis(ok.heartbeat_interval_ms.clamp(100, 60_000))
                 }
                 Ok(Some(GatewayMessage::Error(e))) => return fatal_or_retry(e.code, e.message),

@@ -168,6 +168,7 @@ impl Gw {
             org_id: "org-1".into(),
             heartbeat_interval_ms: 60_000,
             cancel,
+            instance_token: None,
         }));
         hello
     }

@@ -39,6 +39,13 @@ pub enum BusEvent {
         /// New tags.
         tags: Vec<String>,
     },
+    /// An instance changed status (pool supervisors watching the org wake up).
+    InstanceChanged {
+        /// Org.
+        org: String,
+        /// Its pool's id, if a pool member.
+        pool: Option<String>,
+    },
     /// Cancel a running attempt on whichever replica holds its agent.
     Cancel {
         /// Agent id.
@@ -48,6 +55,16 @@ pub enum BusEvent {
         /// Attempt.
         attempt: u32,
     },
+}
+
+/// A change watchers of an org care about: queued work (`pool: None`) or an instance of a
+/// pool changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrgSignal {
+    /// Org.
+    pub org: String,
+    /// Pool id, for instance changes of a pool member.
+    pub pool: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -96,7 +113,19 @@ impl Waiters {
 /// Applies an event on this replica.
 pub(crate) fn apply_local(state: &AppState, event: &BusEvent) {
     match event {
-        BusEvent::TaskReady { .. } => state.dispatch_wake.notify_one(),
+        BusEvent::TaskReady { org } => {
+            state.dispatch_wake.notify_one();
+            let _ = state.org_events.send(OrgSignal {
+                org: org.clone(),
+                pool: None,
+            });
+        }
+        BusEvent::InstanceChanged { org, pool } => {
+            let _ = state.org_events.send(OrgSignal {
+                org: org.clone(),
+                pool: pool.clone(),
+            });
+        }
         BusEvent::TaskChanged { task } => state.waiters.notify(task),
         BusEvent::AgentRevoked { agent } => {
             if let Some(h) = state.hub.get(agent) {

@@ -72,6 +72,66 @@ pub struct GatewayConfig {
     pub max_frame_bytes: usize,
     /// Period of the reapers and presence updates.
     pub tick: Duration,
+    /// Instances and their bootstrap (seed 000).
+    pub instances: InstanceSettings,
+}
+
+/// Instance bootstrap settings (seed 000's `VM_*` variables).
+#[derive(Clone)]
+pub struct InstanceSettings {
+    /// `PADDOCK_BOOTSTRAP_CMD` / `VM_BOOTSTRAP_CMD`: run (with `sh -c`) to bootstrap a
+    /// user's instance. When empty outside production, `default_script` is used if present.
+    pub bootstrap_cmd: Option<String>,
+    /// `scripts/vm/bootstrap-local.sh`, resolved against the working directory.
+    pub default_script: std::path::PathBuf,
+    /// `PADDOCK_ENV=production`: no default script.
+    pub production: bool,
+    /// `VM_BOOTSTRAP_COOLDOWN_MS` (30000): no automatic re-trigger within this window.
+    pub cooldown: Duration,
+    /// `VM_BOOTSTRAP_MAX_ATTEMPTS` (5): then `failed`.
+    pub max_attempts: u32,
+    /// `VM_BOOT_TIMEOUT_MS` (120000): a triggered instance whose runtime has not connected
+    /// after this long counts as a failed attempt (also bounds the command's run time).
+    pub boot_timeout: Duration,
+    /// `PADDOCK_VM_TOKEN_TTL_SEC` (900): lifetime of an instance token.
+    pub token_ttl: Duration,
+    /// `PADDOCK_JWT_SECRET` / `JWT_SECRET`: the token key; else one is generated and kept in
+    /// the database.
+    pub token_secret: Option<String>,
+    /// `CONTROL_PLANE_WS` given to instances; default: `ws_url` with `/ws/vm`.
+    pub ws_url: Option<String>,
+}
+
+impl std::fmt::Debug for InstanceSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InstanceSettings")
+            .field("bootstrap_cmd", &self.bootstrap_cmd)
+            .field("default_script", &self.default_script)
+            .field("production", &self.production)
+            .field("cooldown", &self.cooldown)
+            .field("max_attempts", &self.max_attempts)
+            .field("boot_timeout", &self.boot_timeout)
+            .field("token_ttl", &self.token_ttl)
+            .field("token_secret", &self.token_secret.as_ref().map(|_| "***"))
+            .field("ws_url", &self.ws_url)
+            .finish()
+    }
+}
+
+impl Default for InstanceSettings {
+    fn default() -> InstanceSettings {
+        InstanceSettings {
+            bootstrap_cmd: None,
+            default_script: "scripts/vm/bootstrap-local.sh".into(),
+            production: false,
+            cooldown: Duration::from_millis(30_000),
+            max_attempts: 5,
+            boot_timeout: Duration::from_millis(120_000),
+            token_ttl: Duration::from_secs(900),
+            token_secret: None,
+            ws_url: None,
+        }
+    }
 }
 
 impl GatewayConfig {
@@ -93,10 +153,36 @@ impl GatewayConfig {
             queue_timeout: Duration::from_secs(600),
             max_frame_bytes: paddock_proto::DEFAULT_MAX_FRAME_BYTES,
             tick: Duration::from_secs(1),
+            instances: InstanceSettings::default(),
         }
     }
 
     /// Results TTL in milliseconds.
+    /// The WebSocket URL instances connect to (`CONTROL_PLANE_WS`).
+    pub fn vm_ws_url(&self) -> String {
+        if let Some(u) = &self.instances.ws_url {
+            return u.clone();
+        }
+        match self.ws_url.strip_suffix("/ws/executor") {
+            Some(base) => format!("{base}/ws/vm"),
+            None => format!("{}/ws/vm", self.ws_url.trim_end_matches('/')),
+        }
+    }
+
+    /// The bootstrap command for user instances, if any: the configured one, else (outside
+    /// production) the default script when it exists.
+    pub fn bootstrap_command(&self) -> Option<String> {
+        if let Some(c) = self.instances.bootstrap_cmd.as_deref().map(str::trim)
+            && !c.is_empty()
+        {
+            return Some(c.to_string());
+        }
+        if !self.instances.production && self.instances.default_script.is_file() {
+            return Some(self.instances.default_script.display().to_string());
+        }
+        None
+    }
+
     pub fn results_ttl_ms(&self) -> i64 {
         self.results_ttl.as_millis() as i64
     }

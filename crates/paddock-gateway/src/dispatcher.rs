@@ -88,9 +88,21 @@ async fn claim_for(
             lease_until,
             org_max_inflight: state.cfg.org_max_inflight,
             now,
+            instance: handle.instance,
         })
         .await?;
     let n = claimed.len() as u32;
+    if handle.instance && n > 0 {
+        // Now `busy`: pool supervisors watching the org want to know.
+        crate::bus::publish(
+            state,
+            crate::bus::BusEvent::InstanceChanged {
+                org: handle.org_id.clone(),
+                pool: None,
+            },
+        )
+        .await;
+    }
     for task in claimed {
         handle.add_in_flight(&task.id, task.attempt);
         let msg = GatewayMessage::Dispatch(Box::new(Dispatch {

@@ -11,13 +11,25 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ErrorResponse {
-    /// Stable error code (see `docs/protocol.md`).
+    /// Stable error code.
     pub code: String,
     /// Human-readable message.
     pub message: String,
-    /// For retryable errors: when to retry.
+    /// When to retry (retryable errors such as `INSTANCE_NOT_READY`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
+    /// The instance concerned (`INSTANCE_*` errors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    /// Its status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// Its bootstrap attempts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap_attempts: Option<u32>,
+    /// Its last error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// An API error.
@@ -26,6 +38,8 @@ pub struct ApiError {
     status: StatusCode,
     code: ErrorCode,
     message: String,
+    retry_after_ms: Option<u64>,
+    instance: Option<Box<paddock_store::Instance>>,
 }
 
 impl ApiError {
@@ -35,7 +49,21 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after_ms: None,
+            instance: None,
         }
+    }
+
+    /// Adds `retryAfterMs` (and a `Retry-After` header).
+    pub fn with_retry_after(mut self, ms: u64) -> ApiError {
+        self.retry_after_ms = Some(ms);
+        self
+    }
+
+    /// Adds the instance's id, status, attempts and last error.
+    pub fn with_instance(mut self, inst: &paddock_store::Instance) -> ApiError {
+        self.instance = Some(Box::new(inst.clone()));
+        self
     }
 
     /// 400 `INVALID_REQUEST`.
@@ -87,12 +115,24 @@ impl From<paddock_store::StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let inst = self.instance.as_deref();
         let body = ErrorResponse {
             code: self.code.as_str().to_string(),
             message: self.message,
-            retry_after_ms: None,
+            retry_after_ms: self.retry_after_ms,
+            instance_id: inst.map(|i| i.id.clone()),
+            status: inst.map(|i| i.status.as_str().to_string()),
+            bootstrap_attempts: inst.map(|i| i.bootstrap_attempts),
+            last_error: inst.and_then(|i| i.last_error.clone()),
         };
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(ms) = self.retry_after_ms
+            && let Ok(v) = axum::http::HeaderValue::from_str(&ms.div_ceil(1000).max(1).to_string())
+        {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, v);
+        }
+        resp
     }
 }
 

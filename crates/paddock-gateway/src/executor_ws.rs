@@ -61,6 +61,66 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Agent, Ap
     Ok(agent)
 }
 
+/// `GET /ws/vm`: an instance's runtime (seed 000). Authenticates the instance token
+/// (`Authorization: Bearer <VM_TOKEN>`) before upgrading; the session is the executor
+/// protocol, as the instance's agent. The instance is `ready` once `hello` is accepted.
+pub(crate) async fn ws_vm(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let agent = match authenticate_instance(&state, &headers).await {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
+    let max = state.cfg.max_frame_bytes;
+    ws.max_message_size(max.saturating_mul(2))
+        .on_upgrade(move |socket| serve_socket(state, agent, socket))
+}
+
+async fn authenticate_instance(state: &AppState, headers: &HeaderMap) -> Result<Agent, ApiError> {
+    use crate::vm_token::TokenError;
+    let token = crate::auth::bearer(headers).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::InstanceTokenInvalid,
+            "missing `Authorization: Bearer <instance token>`",
+        )
+    })?;
+    let claims = state.signer.verify(token, now_ms()).map_err(|e| {
+        let code = match e {
+            TokenError::Invalid => ErrorCode::InstanceTokenInvalid,
+            TokenError::Expired => ErrorCode::InstanceTokenExpired,
+        };
+        ApiError::new(StatusCode::UNAUTHORIZED, code, e.to_string())
+    })?;
+    let gone = || {
+        ApiError::new(
+            StatusCode::GONE,
+            ErrorCode::InstanceGone,
+            "this instance is terminated or failed",
+        )
+    };
+    let inst = state
+        .store
+        .get_instance(&claims.org_id, &claims.instance_id)
+        .await?
+        .ok_or_else(gone)?;
+    if matches!(
+        inst.status,
+        paddock_store::InstanceStatus::Terminated | paddock_store::InstanceStatus::Failed
+    ) {
+        return Err(gone());
+    }
+    let agent = state
+        .store
+        .get_agent(&inst.org_id, &inst.id)
+        .await?
+        .filter(|a| is_instance(a) && a.revoked_at.is_none())
+        .ok_or_else(gone)?;
+    Ok(agent)
+}
+
 async fn serve_socket(state: AppState, agent: Agent, socket: WebSocket) {
     let (sink, stream) = socket.split();
     let stream = stream.map(|m| match m {
@@ -152,6 +212,7 @@ where
         kinds: caps.kinds.clone(),
         backends: caps.backends.clone(),
         max_in_flight: caps.max_in_flight,
+        instance: is_instance(&agent),
     });
     state.metrics.connected_agents.set(state.hub.len() as i64);
     let now = now_ms();
@@ -175,6 +236,44 @@ where
             .await;
         finish(&state, &handle).await;
         return;
+    }
+    let mut instance_token = None;
+    if is_instance(&agent) {
+        match state.store.instance_connected(&agent.id, now).await {
+            Ok(Some(inst)) => {
+                if inst.ready_at == Some(now) {
+                    state
+                        .metrics
+                        .instance_ready_latency
+                        .observe((now - inst.created_at).max(0) as f64 / 1000.0);
+                }
+                tracing::info!(instance = %inst.id, status = inst.status.as_str(), "instance connected");
+                instance_token = Some(crate::instances::token_for(&state, &inst));
+                crate::instances::instance_changed(&state, &inst).await;
+            }
+            Ok(None) => {
+                let _ = sink
+                    .send(encode(&error_msg(
+                        ErrorCode::InstanceGone,
+                        "this instance is terminated or failed",
+                    )))
+                    .await;
+                let _ = sink.send(Frame::Close).await;
+                finish(&state, &handle).await;
+                return;
+            }
+            Err(e) => {
+                tracing::error!(instance = %agent.id, "cannot record the instance's connection: {e}");
+                let _ = sink
+                    .send(encode(&error_msg(
+                        ErrorCode::Unavailable,
+                        "database unavailable",
+                    )))
+                    .await;
+                finish(&state, &handle).await;
+                return;
+            }
+        }
     }
     let lease_until = now + state.cfg.lease.as_millis() as i64;
     let listed: Vec<String> = hello.running.iter().map(|r| r.task_id.clone()).collect();
@@ -212,6 +311,7 @@ where
         org_id: agent.org_id.clone(),
         heartbeat_interval_ms: state.cfg.heartbeat_interval.as_millis() as u64,
         cancel,
+        instance_token,
     });
     if sink.send(encode(&ok)).await.is_err() {
         finish(&state, &handle).await;
@@ -315,7 +415,52 @@ async fn finish(state: &AppState, handle: &AgentHandle) {
     {
         tracing::warn!(agent = %handle.agent_id, "cannot record disconnection: {e}");
     }
+    if handle.instance && state.hub.get(&handle.agent_id).is_none() {
+        match state
+            .store
+            .instance_disconnected(&handle.agent_id, now_ms())
+            .await
+        {
+            Ok(()) => {
+                crate::bus::publish(
+                    state,
+                    BusEvent::InstanceChanged {
+                        org: handle.org_id.clone(),
+                        pool: None,
+                    },
+                )
+                .await;
+            }
+            Err(e) => {
+                tracing::warn!(instance = %handle.agent_id, "cannot record disconnection: {e}")
+            }
+        }
+    }
     tracing::info!(agent = %handle.agent_id, in_flight = handle.in_flight_count(), "agent disconnected");
+}
+
+/// Whether an agent row is an instance's (it connects on `/ws/vm`).
+pub(crate) fn is_instance(agent: &Agent) -> bool {
+    agent.pool == "instance"
+}
+
+/// After an instance's task ended: back to `ready`, or `draining` once `max_use` is spent.
+async fn settle_instance(state: &AppState, agent: &Agent) {
+    match state.store.instance_task_finished(&agent.id).await {
+        Ok(Some(status)) => {
+            tracing::debug!(instance = %agent.id, status = status.as_str(), "instance idle");
+            bus::publish(
+                state,
+                BusEvent::InstanceChanged {
+                    org: agent.org_id.clone(),
+                    pool: None,
+                },
+            )
+            .await;
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(instance = %agent.id, "cannot update the instance: {e}"),
+    }
 }
 
 /// Handles one message. `Ok(Some(reply))` is sent back; `Err(msg)` is sent and the session
@@ -405,6 +550,9 @@ async fn handle_message(
                 state.metrics.stale_results.inc();
                 tracing::info!(task = %r.task_id, attempt = r.attempt, "ignored result for an attempt that is not current");
             }
+            if handle.instance {
+                settle_instance(state, agent).await;
+            }
             state.dispatch_wake.notify_one();
             Ok(Some(GatewayMessage::ResultAck(ResultAck {
                 task_id: r.task_id,
@@ -439,6 +587,9 @@ async fn handle_message(
                         .map_err(db_down)?;
                     handle.finish_attempt(task, attempt);
                     tracing::info!(task, attempt, requeued, "agent handed a task back");
+                    if handle.instance {
+                        settle_instance(state, agent).await;
+                    }
                     if requeued {
                         bus::publish(
                             state,

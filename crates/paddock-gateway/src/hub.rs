@@ -24,6 +24,9 @@ pub struct AgentHandle {
     pub backends: Vec<String>,
     /// `maxInFlight` from `hello`.
     pub max_in_flight: u32,
+    /// An instance's agent (connected on `/ws/vm`): takes only targeted tasks, and its
+    /// claims go through the instance's status and `max_use`.
+    pub instance: bool,
     /// Control-plane tags (refreshed when changed through the API).
     tags: Mutex<Vec<String>>,
     /// Tasks dispatched to (or re-bound on) this connection and not yet finished, with the
@@ -119,6 +122,8 @@ pub struct Registration {
     pub backends: Vec<String>,
     /// Concurrency.
     pub max_in_flight: u32,
+    /// An instance's agent.
+    pub instance: bool,
 }
 
 impl Hub {
@@ -135,6 +140,7 @@ impl Hub {
             kinds: reg.kinds,
             backends: reg.backends,
             max_in_flight: reg.max_in_flight.max(1),
+            instance: reg.instance,
             tags: Mutex::new(reg.tags),
             in_flight: Mutex::new(HashMap::new()),
             tx,

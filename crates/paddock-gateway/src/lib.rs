@@ -13,8 +13,10 @@ pub mod dispatcher;
 pub mod error;
 pub mod executor_ws;
 pub mod hub;
+pub mod instances;
 pub mod metrics;
 pub mod openapi;
+pub mod vm_token;
 pub mod workers;
 
 use std::future::Future;
@@ -46,6 +48,10 @@ pub struct AppState {
     pub dispatch_wake: Arc<Notify>,
     /// Fired at shutdown.
     pub shutdown: CancellationToken,
+    /// Signs and verifies instance tokens.
+    pub signer: Arc<vm_token::TokenSigner>,
+    /// Org-level changes for watchers (`/pools/{name}/watch`).
+    pub org_events: tokio::sync::broadcast::Sender<bus::OrgSignal>,
 }
 
 /// The router for a state: routes depend on the role.
@@ -61,7 +67,8 @@ pub fn app(state: AppState) -> Router {
     router
         .fallback(move |uri: axum::http::Uri| async move {
             let path = uri.path();
-            let edge_path = path.starts_with("/v1/") || path.starts_with("/ws/");
+            let edge_path =
+                path.starts_with("/v1/") || path.starts_with("/ws/") || path.starts_with("/api/");
             let brain_path = path.starts_with("/internal/");
             if (edge_path && !role.is_edge()) || (brain_path && !role.is_brain()) {
                 return error::ApiError::new(
@@ -90,6 +97,10 @@ impl Gateway {
     pub async fn start(cfg: GatewayConfig) -> anyhow::Result<Gateway> {
         let store = Store::connect(&cfg.database_url).await?;
         store.clear_replica_connections(&cfg.replica_id).await?;
+        let key = match cfg.instances.token_secret.clone() {
+            Some(k) if !k.is_empty() => k,
+            _ => store.gateway_secret("instance-token-key").await?,
+        };
         let state = AppState {
             cfg: Arc::new(cfg),
             store,
@@ -98,6 +109,8 @@ impl Gateway {
             waiters: Arc::default(),
             dispatch_wake: Arc::default(),
             shutdown: CancellationToken::new(),
+            signer: Arc::new(vm_token::TokenSigner::new(key.into_bytes())),
+            org_events: tokio::sync::broadcast::channel(1024).0,
         };
         let workers = TaskTracker::new();
         workers.spawn(bus::listen(state.clone()));

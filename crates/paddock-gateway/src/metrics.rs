@@ -41,6 +41,25 @@ pub struct Metrics {
     pub stale_results: Counter,
     /// Frames refused, by code.
     pub rejected_frames: Family<CodeLabel, Counter>,
+    /// Instances by status (refreshed at scrape time).
+    pub instances: Family<StateLabel, Gauge>,
+    /// Desired instances per pool (`min(max, busy + queued + min)`, at least min).
+    pub pool_desired: Family<PoolLabel, Gauge>,
+    /// Live (not terminated) instances per pool.
+    pub pool_actual: Family<PoolLabel, Gauge>,
+    /// Seconds from an instance's creation (the demand) to its runtime's first connection.
+    pub instance_ready_latency: Histogram,
+    /// Failed bootstrap attempts seen by this replica.
+    pub bootstrap_failures: Counter,
+}
+
+/// Label of per-pool metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabel {
+    /// Org id.
+    pub org: String,
+    /// Pool name.
+    pub pool: String,
 }
 
 impl Default for Metrics {
@@ -57,6 +76,34 @@ impl Default for Metrics {
         let completed = Family::<StateLabel, Counter>::default();
         let stale_results = Counter::default();
         let rejected_frames = Family::<CodeLabel, Counter>::default();
+        let instances = Family::<StateLabel, Gauge>::default();
+        let pool_desired = Family::<PoolLabel, Gauge>::default();
+        let pool_actual = Family::<PoolLabel, Gauge>::default();
+        let instance_ready_latency = Histogram::new([
+            0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+        ]);
+        let bootstrap_failures = Counter::default();
+        registry.register("instances", "Instances by status", instances.clone());
+        registry.register(
+            "pool_desired_instances",
+            "Desired instances per pool",
+            pool_desired.clone(),
+        );
+        registry.register(
+            "pool_actual_instances",
+            "Live instances per pool",
+            pool_actual.clone(),
+        );
+        registry.register(
+            "instance_ready_seconds",
+            "Time from an instance's creation to its runtime's first connection",
+            instance_ready_latency.clone(),
+        );
+        registry.register(
+            "bootstrap_failures",
+            "Failed instance bootstrap attempts",
+            bootstrap_failures.clone(),
+        );
         registry.register("tasks", "Tasks by state", tasks.clone());
         registry.register(
             "queue_depth",
@@ -103,6 +150,11 @@ impl Default for Metrics {
             completed,
             stale_results,
             rejected_frames,
+            instances,
+            pool_desired,
+            pool_actual,
+            instance_ready_latency,
+            bootstrap_failures,
         }
     }
 }

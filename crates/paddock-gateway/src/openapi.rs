@@ -3,13 +3,13 @@
 
 use utoipa::OpenApi;
 
-use crate::api::{agents, orgs, system, tasks};
+use crate::api::{agents, instances, orgs, pools, system, tasks};
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "Paddock gateway API",
-        description = "Self-hosted execution plane: orgs, agents, tasks. Errors are `{code, message}` with stable codes (docs/protocol.md)."
+        description = "Self-hosted execution plane: orgs, agents, tasks, instances and pools. Errors are `{code, message}` with stable codes (docs/protocol.md)."
     ),
     paths(
         orgs::create_org,
@@ -34,6 +34,19 @@ use crate::api::{agents, orgs, system, tasks};
         tasks::events,
         tasks::cancel,
         tasks::stream,
+        instances::status,
+        instances::rebootstrap,
+        instances::list,
+        instances::get,
+        instances::token,
+        instances::deregister,
+        instances::terminate,
+        instances::fail,
+        pools::upsert,
+        pools::list,
+        pools::get,
+        pools::create_instance,
+        pools::watch,
         system::healthz,
         system::readyz,
         system::metrics,

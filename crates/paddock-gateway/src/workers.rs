@@ -90,6 +90,7 @@ async fn reap_once(state: &AppState, results_too: bool) -> Result<(), paddock_st
         tracing::info!(task = %t.id, "queue deadline passed");
         bus::publish(state, BusEvent::TaskChanged { task: t.id }).await;
     }
+    crate::instances::expire_overdue(state).await?;
     if results_too {
         let deleted = state.store.delete_expired_results(now).await?;
         if deleted > 0 {

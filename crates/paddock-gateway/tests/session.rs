@@ -356,6 +356,7 @@ async fn hello_ok_carries_identity_and_heartbeat_interval() {
             org_id: h.org.id.clone(),
             heartbeat_interval_ms: HEARTBEAT.as_millis() as u64,
             cancel: vec![],
+            instance_token: None,
         }
     );
     let handle = h.state.hub.get(&h.agent.id).expect("registered in the hub");

@@ -95,6 +95,25 @@ error_codes! {
     AgentShuttingDown => "AGENT_SHUTTING_DOWN",
     /// The gateway is not configured for this request (missing service token, ...).
     GatewayNotConfigured => "GATEWAY_NOT_CONFIGURED",
+    /// The caller's instance is not ready yet; it is being bootstrapped. Retry after
+    /// `retryAfterMs`.
+    InstanceNotReady => "INSTANCE_NOT_READY",
+    /// The instance gave up after `VM_BOOTSTRAP_MAX_ATTEMPTS` failed bootstraps; see
+    /// `lastError`, then `POST /api/v1/vm/rebootstrap`.
+    InstanceFailed => "INSTANCE_FAILED",
+    /// No bootstrap command is configured (`PADDOCK_BOOTSTRAP_CMD`), so no instance can be
+    /// made for the caller.
+    BootstrapNotConfigured => "BOOTSTRAP_NOT_CONFIGURED",
+    /// The instance is running a task; it cannot be deregistered or destroyed now.
+    InstanceBusy => "INSTANCE_BUSY",
+    /// The instance is terminated or failed; its token no longer works.
+    InstanceGone => "INSTANCE_GONE",
+    /// The instance token is unknown, badly signed, or for another instance.
+    InstanceTokenInvalid => "INSTANCE_TOKEN_INVALID",
+    /// The instance token has expired.
+    InstanceTokenExpired => "INSTANCE_TOKEN_EXPIRED",
+    /// The pool already has `max` live instances.
+    PoolAtCapacity => "POOL_AT_CAPACITY",
 }
 
 impl std::fmt::Display for ErrorCode {

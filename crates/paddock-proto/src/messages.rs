@@ -72,6 +72,10 @@ pub struct HelloOk {
     /// should stop them).
     #[serde(default)]
     pub cancel: Vec<RunningTask>,
+    /// On `/ws/vm` only: a fresh instance token, for the agent to reconnect with after
+    /// the one it connected with expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_token: Option<String>,
 }
 
 /// A task handed to an agent.

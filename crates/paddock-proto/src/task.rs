@@ -27,6 +27,10 @@ pub struct Selector {
     /// The agent must carry the control-plane tag `group:<group>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// Run on an instance (seed 000): `self` for the caller's own instance, which the
+    /// gateway creates and bootstraps on demand and replaces with its id at submission.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 impl Selector {
@@ -35,6 +39,15 @@ impl Selector {
     /// # Errors
     /// Both `tag` and `group` set, or an empty value.
     pub fn required_tag(&self) -> Result<Option<String>, String> {
+        if let Some(inst) = &self.instance {
+            if self.tag.is_some() || self.group.is_some() {
+                return Err("selector: `instance` cannot be combined with `tag` or `group`".into());
+            }
+            if inst.trim().is_empty() {
+                return Err("selector.instance is empty".into());
+            }
+            return Ok(Some(format!("instance:{inst}")));
+        }
         match (&self.tag, &self.group) {
             (Some(_), Some(_)) => Err("selector: set either `tag` or `group`, not both".into()),
             (Some(t), None) if t.trim().is_empty() => Err("selector.tag is empty".into()),
@@ -250,13 +263,29 @@ mod tests {
         let s = Selector {
             tag: None,
             group: Some("alpha".into()),
+            instance: None,
         };
         assert_eq!(s.required_tag().unwrap().as_deref(), Some("group:alpha"));
         let both = Selector {
             tag: Some("x".into()),
             group: Some("y".into()),
+            instance: None,
         };
         assert!(both.required_tag().is_err());
+        let inst = Selector {
+            instance: Some("i-1".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            inst.required_tag().unwrap().as_deref(),
+            Some("instance:i-1")
+        );
+        let mixed = Selector {
+            instance: Some("i-1".into()),
+            tag: Some("x".into()),
+            group: None,
+        };
+        assert!(mixed.required_tag().is_err());
     }
 
     #[test]

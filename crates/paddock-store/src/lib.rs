@@ -7,6 +7,7 @@
 //! [`tasks`] (`FOR UPDATE SKIP LOCKED` plus a per-org advisory lock on PostgreSQL).
 
 pub mod agents;
+pub mod instances;
 pub mod orgs;
 pub mod secret;
 pub mod tasks;
@@ -18,6 +19,9 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
 pub use agents::{Agent, PairingError};
+pub use instances::{
+    BootstrapDecision, Instance, InstanceStatus, NewPool, Pool, PoolCapacityError,
+};
 pub use orgs::{ApiPrincipal, Org, Role};
 pub use tasks::{
     ClaimRequest, ClaimedTask, EventRow, NewTask, OutputRow, ReapedTask, StateCount, TaskRow,
@@ -56,8 +60,14 @@ pub enum StoreError {
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// Embedded migrations: (version, name, SQL). Append only.
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "core", include_str!("../migrations/0001_core.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "core", include_str!("../migrations/0001_core.sql")),
+    (
+        2,
+        "instances",
+        include_str!("../migrations/0002_instances.sql"),
+    ),
+];
 
 /// Handle to the database. Cheap to clone.
 #[derive(Clone, Debug)]

@@ -135,7 +135,7 @@ pub struct TaskRow {
 }
 
 /// What an agent with free slots can take.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct ClaimRequest<'a> {
     /// The agent's org.
     pub org_id: &'a str,
@@ -155,6 +155,11 @@ pub struct ClaimRequest<'a> {
     pub org_max_inflight: Option<u32>,
     /// Now (ms since epoch).
     pub now: i64,
+    /// The agent is an instance's (`agents.pool = 'instance'`): it takes only tasks that
+    /// select one of its tags (never untargeted work), and a claim makes the instance
+    /// `busy` and counts its uses in the same transaction, or claims nothing if the
+    /// instance is no longer `ready`/`busy` or has used up `max_use`.
+    pub instance: bool,
 }
 
 /// A task claimed for an agent.
@@ -347,6 +352,69 @@ impl Store {
             return Ok(Vec::new());
         }
         let rows = match self.dialect {
+            _ if req.instance => {
+                let mut tx = self.pool.begin().await?;
+                if self.dialect == Dialect::Sqlite {
+                    // Take the write lock first: a read transaction upgraded to a write
+                    // fails at once in WAL mode if another writer got in between.
+                    sqlx::query("UPDATE instances SET updated_at = updated_at WHERE id = $1")
+                        .bind(req.agent_id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                // The instance's row, locked: only a `ready`/`busy` instance takes work, and
+                // at most its remaining uses.
+                let lock = match self.dialect {
+                    Dialect::Postgres => " FOR UPDATE",
+                    Dialect::Sqlite => "",
+                };
+                let inst = sqlx::query(&format!(
+                    "SELECT status, uses, max_use FROM instances WHERE id = $1{lock}"
+                ))
+                .bind(req.agent_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(inst) = inst else {
+                    tx.rollback().await?;
+                    return Ok(Vec::new());
+                };
+                let status: String = inst.get("status");
+                let (uses, max_use): (i64, i64) = (inst.get("uses"), inst.get("max_use"));
+                let left = if max_use > 0 {
+                    max_use - uses
+                } else {
+                    i64::MAX
+                };
+                if !matches!(status.as_str(), "ready" | "busy") || left <= 0 {
+                    tx.rollback().await?;
+                    return Ok(Vec::new());
+                }
+                let capped = ClaimRequest {
+                    limit: req.limit.min(u32::try_from(left).unwrap_or(u32::MAX)),
+                    ..*req
+                };
+                let rows = claim_rows(&mut tx, self.dialect, &capped).await?;
+                if rows.is_empty() {
+                    tx.rollback().await?;
+                    return Ok(Vec::new());
+                }
+                let n = rows.len() as i64;
+                let gate = sqlx::query(
+                    "UPDATE instances SET status = 'busy', uses = uses + $1, busy_at = $2, updated_at = $2 \
+                     WHERE id = $3 AND status IN ('ready', 'busy') AND (max_use = 0 OR uses + $1 <= max_use)",
+                )
+                .bind(n)
+                .bind(req.now)
+                .bind(req.agent_id)
+                .execute(&mut *tx)
+                .await?;
+                if gate.rows_affected() != 1 {
+                    tx.rollback().await?;
+                    return Ok(Vec::new());
+                }
+                tx.commit().await?;
+                rows
+            }
             Dialect::Postgres => {
                 let mut tx = self.pool.begin().await?;
                 let rows = claim_rows(&mut tx, self.dialect, req).await?;
@@ -869,11 +937,18 @@ async fn claim_rows(
     let kinds = placeholders(next, req.kinds.len());
     next += req.kinds.len();
     let tag_clause = if req.tags.is_empty() {
+        if req.instance {
+            return Ok(Vec::new());
+        }
         "required_tag IS NULL".to_string()
     } else {
         let p = placeholders(next, req.tags.len());
         next += req.tags.len();
-        format!("(required_tag IS NULL OR required_tag IN ({p}))")
+        if req.instance {
+            format!("required_tag IN ({p})")
+        } else {
+            format!("(required_tag IS NULL OR required_tag IN ({p}))")
+        }
     };
     let backend_clause = if req.backends.is_empty() {
         "backend IS NULL".to_string()

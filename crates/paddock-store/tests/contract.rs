@@ -45,6 +45,10 @@ contract!(
     migrations_are_idempotent,
     reconnect_detaches_unlisted_tasks,
     hand_backs_requeue_with_or_without_the_attempt,
+    pools_upsert_and_cap_live_instances,
+    user_instance_bootstrap_attempts_cooldown_and_failure,
+    instance_claims_are_targeted_gated_and_counted,
+    gateway_secret_is_shared_and_stable,
 );
 
 fn shell(argv: &[&str]) -> TaskSpec {
@@ -100,6 +104,7 @@ impl AgentView {
             lease_until: paddock_proto::now_ms() + 30_000,
             org_max_inflight: None,
             now: paddock_proto::now_ms(),
+            instance: false,
         }
     }
 }
@@ -348,11 +353,13 @@ async fn claims_follow_selector_kind_backend_and_org(store: Store) {
     tagged.selector = Some(Selector {
         tag: Some("gpu".into()),
         group: None,
+        instance: None,
     });
     let mut grouped = shell(&["true"]);
     grouped.selector = Some(Selector {
         tag: None,
         group: Some("beta".into()),
+        instance: None,
     });
     let mut docker = shell(&["true"]);
     docker.sandbox.backend = Some("docker".into());
@@ -1056,3 +1063,471 @@ async fn hand_backs_requeue_with_or_without_the_attempt(store: Store) {
         (TaskState::Canceled, Some("TASK_CANCELED"))
     );
 }
+
+mod instances {
+    //! Instances and pools (issue 4), on both databases.
+    use super::*;
+    use paddock_store::{BootstrapDecision, InstanceStatus, NewPool};
+
+    fn pool_spec<'a>(name: &'a str, labels: &'a [String], max: u32, max_use: u32) -> NewPool<'a> {
+        NewPool {
+            name,
+            provider: "process",
+            labels,
+            min: 1,
+            max,
+            target: None,
+            max_use,
+            boot_deadline_ms: 60_000,
+        }
+    }
+
+    fn instance_claim<'a>(
+        org: &'a str,
+        agent: &'a str,
+        tags: &'a [String],
+        kinds: &'a [String],
+    ) -> ClaimRequest<'a> {
+        ClaimRequest {
+            org_id: org,
+            agent_id: agent,
+            tags,
+            kinds,
+            backends: &[],
+            limit: 4,
+            lease_until: paddock_proto::now_ms() + 30_000,
+            org_max_inflight: None,
+            now: paddock_proto::now_ms(),
+            instance: true,
+        }
+    }
+
+    pub(super) async fn pools_upsert_and_cap_live_instances(store: Store) {
+        let org = store.create_org("acme").await.unwrap();
+        let labels = strings(&["ci"]);
+        let pool = store
+            .upsert_pool(&org.id, &pool_spec("ci", &labels, 3, 1))
+            .await
+            .unwrap();
+        assert_eq!((pool.min, pool.max, pool.max_use), (1, 3, 1));
+        let again = store
+            .upsert_pool(&org.id, &pool_spec("ci", &labels, 3, 0))
+            .await
+            .unwrap();
+        assert_eq!(again.id, pool.id, "upsert keeps the pool's id");
+        assert_eq!(again.max_use, 0);
+        assert_eq!(store.list_pools(&org.id).await.unwrap().len(), 1);
+
+        // Eight concurrent creations against a ceiling of three.
+        let mut handles = Vec::new();
+        for _ in 0..8 {
+            let store = store.clone();
+            let pool = again.clone();
+            handles.push(tokio::spawn(async move {
+                store.create_pool_instance(&pool).await.unwrap()
+            }));
+        }
+        let mut ok = Vec::new();
+        let mut full = 0;
+        for h in handles {
+            match h.await.unwrap() {
+                Ok(inst) => ok.push(inst),
+                Err(e) => {
+                    assert_eq!(e.max, 3);
+                    full += 1;
+                }
+            }
+        }
+        assert_eq!((ok.len(), full), (3, 5), "exactly max instances created");
+        let inst = &ok[0];
+        assert_eq!(inst.status, InstanceStatus::Starting);
+        assert_eq!(inst.mode, "pool");
+        let agent = store.get_agent(&org.id, &inst.id).await.unwrap().unwrap();
+        assert_eq!(agent.pool, "instance");
+        assert!(agent.tags.contains(&"ci".to_string()));
+        assert!(agent.tags.contains(&"pool:ci".to_string()));
+        assert!(agent.tags.contains(&format!("instance:{}", inst.id)));
+        // The agent row's token hash can never be matched by a presented token.
+        assert!(
+            store
+                .authenticate_agent(&format!("{}.instance:{}", org.id, inst.id))
+                .await
+                .unwrap()
+                .is_none()
+        );
+
+        // A terminated instance frees its slot.
+        store
+            .deregister_instance(&org.id, &inst.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let t = store
+            .terminate_instance(&org.id, &inst.id, None)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.status, InstanceStatus::Terminated);
+        assert!(t.terminated_at.is_some());
+        let agent = store.get_agent(&org.id, &inst.id).await.unwrap().unwrap();
+        assert!(
+            agent.revoked_at.is_some(),
+            "a destroyed instance's agent is revoked"
+        );
+        assert!(store.create_pool_instance(&again).await.unwrap().is_ok());
+        assert!(store.create_pool_instance(&again).await.unwrap().is_err());
+        assert_eq!(
+            store
+                .list_instances(&org.id, Some(&again.id), false)
+                .await
+                .unwrap()
+                .len(),
+            3
+        );
+        assert_eq!(
+            store
+                .list_instances(&org.id, Some(&again.id), true)
+                .await
+                .unwrap()
+                .len(),
+            4
+        );
+        // Another org sees none of them.
+        let other = store.create_org("other").await.unwrap();
+        assert!(
+            store
+                .get_instance(&other.id, &ok[1].id)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            store
+                .list_instances(&other.id, None, true)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    pub(super) async fn user_instance_bootstrap_attempts_cooldown_and_failure(store: Store) {
+        let org = store.create_org("acme").await.unwrap();
+        let inst = store
+            .ensure_user_instance(&org.id, "u1", "command")
+            .await
+            .unwrap();
+        let same = store
+            .ensure_user_instance(&org.id, "u1", "command")
+            .await
+            .unwrap();
+        assert_eq!(inst.id, same.id, "one live instance per user");
+        assert_eq!(inst.status, InstanceStatus::Starting);
+        let now = paddock_proto::now_ms();
+        let cooldown = 30_000;
+
+        assert_eq!(
+            store
+                .begin_bootstrap(&inst.id, now, cooldown, 3, false)
+                .await
+                .unwrap(),
+            BootstrapDecision::Triggered { attempt: 1 }
+        );
+        // In flight: no second trigger.
+        assert!(matches!(
+            store
+                .begin_bootstrap(&inst.id, now + 10, cooldown, 3, false)
+                .await
+                .unwrap(),
+            BootstrapDecision::Wait { .. }
+        ));
+        let failed = store
+            .bootstrap_failed(&inst.id, 1, "exit 1: boom", 3)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(failed.status, InstanceStatus::Starting);
+        assert_eq!(failed.last_error.as_deref(), Some("exit 1: boom"));
+        // A stale attempt's failure is not recorded twice.
+        assert!(
+            store
+                .bootstrap_failed(&inst.id, 1, "again", 3)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // Inside the cooldown: wait, and for how long.
+        match store
+            .begin_bootstrap(&inst.id, now + 10_000, cooldown, 3, false)
+            .await
+            .unwrap()
+        {
+            BootstrapDecision::Wait { retry_after_ms } => assert_eq!(retry_after_ms, 20_000),
+            other => panic!("expected Wait, got {other:?}"),
+        }
+        for attempt in 2..=3 {
+            let at = now + i64::from(attempt) * 40_000;
+            assert_eq!(
+                store
+                    .begin_bootstrap(&inst.id, at, cooldown, 3, false)
+                    .await
+                    .unwrap(),
+                BootstrapDecision::Triggered { attempt }
+            );
+            store
+                .bootstrap_failed(&inst.id, attempt, "exit 1", 3)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let dead = store.find_instance(&inst.id).await.unwrap().unwrap();
+        assert_eq!(dead.status, InstanceStatus::Failed);
+        assert_eq!(dead.bootstrap_attempts, 3);
+        assert_eq!(
+            store
+                .begin_bootstrap(&inst.id, now + 999_000, cooldown, 3, false)
+                .await
+                .unwrap(),
+            BootstrapDecision::Failed
+        );
+        // Rebootstrap bypasses cooldown and the spent attempts.
+        assert_eq!(
+            store
+                .begin_bootstrap(&inst.id, now + 999_001, cooldown, 3, true)
+                .await
+                .unwrap(),
+            BootstrapDecision::Triggered { attempt: 1 }
+        );
+        let ready = store
+            .instance_connected(&inst.id, now + 999_100)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ready.status, InstanceStatus::Ready);
+        assert_eq!(ready.last_error, None);
+        assert_eq!(ready.ready_at, Some(now + 999_100));
+        assert_eq!(
+            store
+                .begin_bootstrap(&inst.id, now + 999_200, 0, 3, false)
+                .await
+                .unwrap(),
+            BootstrapDecision::Ready
+        );
+        store
+            .instance_disconnected(&inst.id, now + 999_300)
+            .await
+            .unwrap();
+        let gone = store.find_instance(&inst.id).await.unwrap().unwrap();
+        assert_eq!(gone.status, InstanceStatus::Disconnected);
+        // A disconnected instance inside the cooldown is not re-triggered...
+        assert!(matches!(
+            store
+                .begin_bootstrap(&inst.id, now + 999_400, cooldown, 3, false)
+                .await
+                .unwrap(),
+            BootstrapDecision::Wait { .. }
+        ));
+        // ...and after it, it is, once, whatever the number of concurrent callers.
+        let mut handles = Vec::new();
+        for _ in 0..8 {
+            let store = store.clone();
+            let id = inst.id.clone();
+            handles.push(tokio::spawn(async move {
+                store
+                    .begin_bootstrap(&id, now + 1_100_000, cooldown, 3, false)
+                    .await
+                    .unwrap()
+            }));
+        }
+        let mut triggered = 0;
+        for h in handles {
+            if matches!(
+                h.await.unwrap(),
+                BootstrapDecision::Triggered { attempt: 2 }
+            ) {
+                triggered += 1;
+            }
+        }
+        assert_eq!(triggered, 1, "exactly one caller runs the bootstrap");
+        // Terminated: a new user instance can be made, and the old token cannot connect.
+        store
+            .terminate_instance(&org.id, &inst.id, Some("stopped"))
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(
+            store
+                .instance_connected(&inst.id, now)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let fresh = store
+            .ensure_user_instance(&org.id, "u1", "command")
+            .await
+            .unwrap();
+        assert_ne!(fresh.id, inst.id);
+    }
+
+    pub(super) async fn instance_claims_are_targeted_gated_and_counted(store: Store) {
+        let org = store.create_org("acme").await.unwrap();
+        let labels = strings(&["ci"]);
+        let pool = store
+            .upsert_pool(&org.id, &pool_spec("ci", &labels, 4, 1))
+            .await
+            .unwrap();
+        let inst = store.create_pool_instance(&pool).await.unwrap().unwrap();
+        let tags = pool.instance_tags(&inst.id);
+        let kinds = strings(&["agent.execute"]);
+        let untargeted = store
+            .insert_task(&new_task(&org.id, shell(&["true"])))
+            .await
+            .unwrap();
+        let mut spec = shell(&["true"]);
+        spec.selector = Some(Selector {
+            tag: Some("ci".into()),
+            group: None,
+            instance: None,
+        });
+        let t1 = store
+            .insert_task(&new_task(&org.id, spec.clone()))
+            .await
+            .unwrap();
+        let t2 = store
+            .insert_task(&new_task(&org.id, spec.clone()))
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .pool_queued_demand(&pool, paddock_proto::now_ms())
+                .await
+                .unwrap(),
+            2
+        );
+
+        // Not connected yet (`starting`): nothing is claimed.
+        let req = instance_claim(&org.id, &inst.id, &tags, &kinds);
+        assert!(store.claim_tasks(&req).await.unwrap().is_empty());
+        store
+            .instance_connected(&inst.id, paddock_proto::now_ms())
+            .await
+            .unwrap()
+            .unwrap();
+        // Ready: one task (max_use 1), and only a targeted one.
+        let got = store.claim_tasks(&req).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].id, t1);
+        let busy = store.find_instance(&inst.id).await.unwrap().unwrap();
+        assert_eq!((busy.status, busy.uses), (InstanceStatus::Busy, 1));
+        assert!(
+            store.claim_tasks(&req).await.unwrap().is_empty(),
+            "max_use reached"
+        );
+        // Busy: cannot be deregistered or terminated.
+        assert_eq!(
+            store
+                .deregister_instance(&org.id, &inst.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap_err(),
+            InstanceStatus::Busy
+        );
+        assert_eq!(
+            store
+                .terminate_instance(&org.id, &inst.id, None)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap_err(),
+            InstanceStatus::Busy
+        );
+        assert!(
+            store
+                .complete_task(
+                    &org.id,
+                    &inst.id,
+                    &result(&t1, 1, ResultStatus::Succeeded, 0),
+                    60_000
+                )
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            store.instance_task_finished(&inst.id).await.unwrap(),
+            Some(InstanceStatus::Draining),
+            "one-shot instance drains after its task"
+        );
+        assert!(store.claim_tasks(&req).await.unwrap().is_empty());
+
+        // A reusable instance goes back to ready; a deregistered one takes nothing.
+        let reusable = store
+            .upsert_pool(&org.id, &pool_spec("ci", &labels, 4, 0))
+            .await
+            .unwrap();
+        let inst2 = store
+            .create_pool_instance(&reusable)
+            .await
+            .unwrap()
+            .unwrap();
+        let tags2 = reusable.instance_tags(&inst2.id);
+        let req2 = instance_claim(&org.id, &inst2.id, &tags2, &kinds);
+        store
+            .instance_connected(&inst2.id, paddock_proto::now_ms())
+            .await
+            .unwrap()
+            .unwrap();
+        let got = store.claim_tasks(&req2).await.unwrap();
+        assert_eq!(
+            got.iter().map(|c| c.id.clone()).collect::<Vec<_>>(),
+            vec![t2.clone()]
+        );
+        store
+            .complete_task(
+                &org.id,
+                &inst2.id,
+                &result(&t2, 1, ResultStatus::Succeeded, 0),
+                60_000,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            store.instance_task_finished(&inst2.id).await.unwrap(),
+            Some(InstanceStatus::Ready)
+        );
+        let t3 = store.insert_task(&new_task(&org.id, spec)).await.unwrap();
+        store
+            .deregister_instance(&org.id, &inst2.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(
+            store.claim_tasks(&req2).await.unwrap().is_empty(),
+            "draining takes no work"
+        );
+        let queued = store.get_task(&org.id, &t3).await.unwrap().unwrap();
+        assert_eq!(queued.state, TaskState::Queued);
+        let untouched = store.get_task(&org.id, &untargeted).await.unwrap().unwrap();
+        assert_eq!(
+            untouched.state,
+            TaskState::Queued,
+            "instances never take untargeted work"
+        );
+    }
+
+    pub(super) async fn gateway_secret_is_shared_and_stable(store: Store) {
+        let a = store.gateway_secret("vm-token").await.unwrap();
+        let b = store.gateway_secret("vm-token").await.unwrap();
+        let c = store.gateway_secret("other").await.unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert!(a.len() >= 32);
+    }
+}
+use instances::{
+    gateway_secret_is_shared_and_stable, instance_claims_are_targeted_gated_and_counted,
+    pools_upsert_and_cap_live_instances, user_instance_bootstrap_attempts_cooldown_and_failure,
+};

@@ -199,6 +199,18 @@ pub(crate) struct ConnectArgs {
     /// Pair, store the credentials and exit without connecting.
     #[arg(long)]
     pair_only: bool,
+    /// Run as an instance's runtime (seed 000, pools): connect to `/ws/vm` with this
+    /// instance token instead of pairing. The gateway injects it as `VM_TOKEN` into the
+    /// bootstrap command; nothing is stored on disk.
+    #[arg(long, env = "VM_TOKEN", hide_env_values = true, conflicts_with_all = ["pairing_token", "pair_only"])]
+    vm_token: Option<String>,
+    /// The instance WebSocket endpoint (with --vm-token).
+    #[arg(
+        long,
+        env = "CONTROL_PLANE_WS",
+        default_value = "ws://127.0.0.1:3101/ws/vm"
+    )]
+    control_plane_ws: String,
     #[command(flatten)]
     run: RunSettings,
 }
@@ -311,6 +323,27 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<i32> {
 
 async fn connect(args: ConnectArgs) -> anyhow::Result<i32> {
     crate::logging::init(&args.run.log_level, false);
+    if let Some(token) = &args.vm_token {
+        // `pvm1.<instanceId>.<orgId>.<expiresAt>.<signature>`; the gateway checks it.
+        let mut parts = token.split('.');
+        let (Some("pvm1"), Some(instance), Some(org)) = (parts.next(), parts.next(), parts.next())
+        else {
+            anyhow::bail!("VM_TOKEN is not an instance token (pvm1.<instance>.<org>...)");
+        };
+        let creds = Credentials {
+            version: credentials::CREDENTIALS_VERSION,
+            api_base: args.api_base.clone(),
+            gateway_ws_url: args.control_plane_ws.clone(),
+            agent_id: instance.to_string(),
+            org_id: org.to_string(),
+            agent_token: token.clone(),
+        };
+        eprintln!(
+            "running as instance {instance} of org {org}; connecting to {}",
+            args.control_plane_ws
+        );
+        return serve(creds, &args.run, args.run.settings(args.tags)).await;
+    }
     let home = paddock_agent::settings::home_dir();
     let path = args
         .config

@@ -25,6 +25,8 @@ pub(crate) struct ApiFailure {
     pub status: u16,
     pub code: String,
     pub message: String,
+    /// `retryAfterMs` of retryable errors.
+    pub retry_after_ms: Option<u64>,
 }
 
 /// Authenticated client bound to one org.
@@ -114,6 +116,7 @@ pub(crate) async fn decode(resp: reqwest::Response) -> anyhow::Result<Value> {
             status: status.as_u16(),
             code: code.into(),
             message: message.into(),
+            retry_after_ms: value["retryAfterMs"].as_u64(),
         }
         .into());
     }

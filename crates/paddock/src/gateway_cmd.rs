@@ -40,20 +40,13 @@ pub(crate) struct GatewayArgs {
         conflicts_with = "service_token"
     )]
     pub service_token_file: Option<PathBuf>,
-    /// Public HTTP base URL (shown to users and in pairing commands).
-    #[arg(
-        long,
-        env = "GATEWAY_HTTP_URL",
-        default_value = "http://localhost:3002"
-    )]
-    pub http_url: String,
-    /// Public executor WebSocket URL.
-    #[arg(
-        long,
-        env = "GATEWAY_WS_URL",
-        default_value = "ws://localhost:3002/ws/executor"
-    )]
-    pub ws_url: String,
+    /// Public HTTP base URL (shown to users and in pairing commands) [default:
+    /// http://<host>:<port> of the listening socket, 127.0.0.1 for a wildcard host].
+    #[arg(long, env = "GATEWAY_HTTP_URL")]
+    pub http_url: Option<String>,
+    /// Public executor WebSocket URL [default: ws://<host>:<port>/ws/executor, as above].
+    #[arg(long, env = "GATEWAY_WS_URL")]
+    pub ws_url: Option<String>,
     /// Seconds finished results are kept before the reaper deletes them.
     #[arg(long, env = "GATEWAY_RESULTS_TTL_SEC", default_value_t = 900)]
     pub results_ttl_sec: u64,
@@ -86,6 +79,40 @@ pub(crate) struct GatewayArgs {
     /// Period of reapers and dispatch sweeps (ms).
     #[arg(long, env = "GATEWAY_TICK_MS", default_value_t = 1_000, hide = true)]
     pub tick_ms: u64,
+    #[command(flatten)]
+    pub instances: InstanceArgs,
+}
+
+/// Instances on demand (seed 000).
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Instances (seed 000)")]
+pub(crate) struct InstanceArgs {
+    /// Command (run with `sh -c`) that bootstraps a user's instance; gets VM_USER_ID,
+    /// VM_ORG_ID, VM_INSTANCE_ID, VM_MODE, VM_TOKEN, CONTROL_PLANE_WS, VM_TICKET, PADDOCK_BIN.
+    /// `VM_BOOTSTRAP_CMD` is read too. Empty outside production: scripts/vm/bootstrap-local.sh
+    /// if it exists.
+    #[arg(long, env = "PADDOCK_BOOTSTRAP_CMD")]
+    pub bootstrap_cmd: Option<String>,
+    /// No automatic re-trigger of a disconnected or failed-attempt instance within this window (ms).
+    #[arg(long, env = "VM_BOOTSTRAP_COOLDOWN_MS", default_value_t = 30_000)]
+    pub bootstrap_cooldown_ms: u64,
+    /// Failed bootstraps before the instance is `failed`.
+    #[arg(long, env = "VM_BOOTSTRAP_MAX_ATTEMPTS", default_value_t = 5)]
+    pub bootstrap_max_attempts: u32,
+    /// A bootstrapped instance whose runtime has not connected after this long is a failed
+    /// attempt; also the longest the command may run (ms).
+    #[arg(long, env = "VM_BOOT_TIMEOUT_MS", default_value_t = 120_000)]
+    pub boot_timeout_ms: u64,
+    /// Lifetime of instance tokens (s).
+    #[arg(long, env = "PADDOCK_VM_TOKEN_TTL_SEC", default_value_t = 900)]
+    pub vm_token_ttl_sec: u64,
+    /// Key that signs instance tokens (`JWT_SECRET` is read too); default: generated once
+    /// and kept in the database, shared by replicas.
+    #[arg(long, env = "PADDOCK_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// CONTROL_PLANE_WS given to instances (default: GATEWAY_WS_URL with /ws/vm).
+    #[arg(long, env = "PADDOCK_VM_WS_URL")]
+    pub vm_ws_url: Option<String>,
 }
 
 impl GatewayArgs {
@@ -125,8 +152,12 @@ impl GatewayArgs {
         if cfg.service_token.as_deref().is_some_and(|t| t.len() < 16) {
             anyhow::bail!("GATEWAY_SERVICE_TOKEN must be at least 16 characters");
         }
-        cfg.http_url = self.http_url.trim_end_matches('/').to_string();
-        cfg.ws_url = self.ws_url.clone();
+        if let Some(u) = &self.http_url {
+            cfg.http_url = u.trim_end_matches('/').to_string();
+        }
+        if let Some(u) = &self.ws_url {
+            cfg.ws_url = u.clone();
+        }
         cfg.results_ttl = Duration::from_secs(self.results_ttl_sec);
         cfg.org_max_inflight = self.org_max_inflight.filter(|n| *n > 0);
         cfg.lease = Duration::from_millis(self.lease_ms.max(100));
@@ -134,13 +165,33 @@ impl GatewayArgs {
         cfg.max_attempts = self.max_attempts.clamp(1, 10);
         cfg.queue_timeout = Duration::from_millis(self.queue_timeout_ms);
         cfg.tick = Duration::from_millis(self.tick_ms.max(10));
+        let i = &self.instances;
+        let nonempty = |v: Option<String>| v.filter(|s| !s.trim().is_empty());
+        cfg.instances.bootstrap_cmd = nonempty(i.bootstrap_cmd.clone())
+            .or_else(|| nonempty(std::env::var("VM_BOOTSTRAP_CMD").ok()));
+        cfg.instances.production = std::env::var("PADDOCK_ENV").as_deref() == Ok("production");
+        cfg.instances.cooldown = Duration::from_millis(i.bootstrap_cooldown_ms);
+        cfg.instances.max_attempts = i.bootstrap_max_attempts.max(1);
+        cfg.instances.boot_timeout = Duration::from_millis(i.boot_timeout_ms.max(100));
+        cfg.instances.token_ttl = Duration::from_secs(i.vm_token_ttl_sec.max(10));
+        cfg.instances.token_secret =
+            nonempty(i.jwt_secret.clone()).or_else(|| nonempty(std::env::var("JWT_SECRET").ok()));
+        if cfg
+            .instances
+            .token_secret
+            .as_deref()
+            .is_some_and(|k| k.len() < 16)
+        {
+            anyhow::bail!("PADDOCK_JWT_SECRET / JWT_SECRET must be at least 16 characters");
+        }
+        cfg.instances.ws_url = i.vm_ws_url.clone();
         Ok(cfg)
     }
 }
 
 pub(crate) async fn run(args: GatewayArgs) -> anyhow::Result<i32> {
     crate::logging::init(&args.log_level, args.log_json);
-    let cfg = args.config()?;
+    let mut cfg = args.config()?;
     if cfg.service_token.is_none() {
         let env = std::env::var("PADDOCK_ENV").unwrap_or_default();
         if env != "test" && env != "development" {
@@ -154,6 +205,18 @@ pub(crate) async fn run(args: GatewayArgs) -> anyhow::Result<i32> {
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let addr = listener.local_addr()?;
+    // Unset public URLs follow the socket actually bound (port 0 picks a free one).
+    let host = match addr.ip() {
+        ip if ip.is_unspecified() => "127.0.0.1".to_string(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    };
+    if args.http_url.is_none() {
+        cfg.http_url = format!("http://{host}:{}", addr.port());
+    }
+    if args.ws_url.is_none() {
+        cfg.ws_url = format!("ws://{host}:{}/ws/executor", addr.port());
+    }
     tracing::info!(
         %addr, role = %args.role, replica = %cfg.replica_id,
         database = %paddock_store::redact_url(&cfg.database_url),

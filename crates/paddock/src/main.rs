@@ -8,6 +8,7 @@ mod logging;
 mod pool_cmd;
 mod run_cmd;
 mod up_cmd;
+mod vm_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -48,6 +49,9 @@ enum Command {
     /// Create orgs (needs the gateway's service token).
     #[command(subcommand)]
     Org(run_cmd::OrgCommand),
+    /// Your own instance (seed 000): status and forced rebootstrap.
+    #[command(subcommand)]
+    Vm(vm_cmd::VmCommand),
     /// Warm-pool supervisor: keep a pool of instances between --min and --max, sized to demand.
     #[command(subcommand)]
     Pool(pool_cmd::PoolCommand),
@@ -83,6 +87,7 @@ fn main() {
             Command::Run(args) => run_cmd::run(args).await,
             Command::Task(cmd) => run_cmd::task(cmd).await,
             Command::Org(cmd) => run_cmd::org(cmd).await,
+            Command::Vm(cmd) => vm_cmd::run(cmd).await,
             Command::Pool(cmd) => pool_cmd::run(cmd).await,
             Command::Openapi => {
                 print!("{}", paddock_gateway::openapi::document_json());

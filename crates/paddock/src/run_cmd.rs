@@ -25,8 +25,15 @@ pub(crate) struct RunArgs {
     #[command(flatten)]
     api: ApiArgs,
     /// Route to agents with this control-plane tag (`tag=X`) or group (`group=Y`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "instance")]
     selector: Option<String>,
+    /// Run on an instance: `self` for your own (created and bootstrapped on demand; the
+    /// command retries while it is not ready), or an instance id.
+    #[arg(long, value_name = "self|ID")]
+    instance: Option<String>,
+    /// With --instance: how long to keep retrying while the instance is not ready.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    instance_wait: Duration,
     /// Kill the task after this long (e.g. 30s, 5m).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -67,12 +74,18 @@ fn parse_selector(s: &str) -> anyhow::Result<Selector> {
         Some(("tag", v)) if !v.is_empty() => Ok(Selector {
             tag: Some(v.into()),
             group: None,
+            instance: None,
         }),
         Some(("group", v)) if !v.is_empty() => Ok(Selector {
             tag: None,
             group: Some(v.into()),
+            instance: None,
         }),
-        _ => anyhow::bail!("--selector must be tag=NAME or group=NAME"),
+        Some(("instance", v)) if !v.is_empty() => Ok(Selector {
+            instance: Some(v.into()),
+            ..Default::default()
+        }),
+        _ => anyhow::bail!("--selector must be tag=NAME, group=NAME or instance=self|ID"),
     }
 }
 
@@ -99,7 +112,13 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<i32> {
     };
     let spec = TaskSpec {
         kind: paddock_proto::KIND_AGENT_EXECUTE.into(),
-        selector: args.selector.as_deref().map(parse_selector).transpose()?,
+        selector: match &args.instance {
+            Some(i) => Some(Selector {
+                instance: Some(i.clone()),
+                ..Default::default()
+            }),
+            None => args.selector.as_deref().map(parse_selector).transpose()?,
+        },
         shell: Some(shell),
         sandbox: SandboxSpec {
             backend: args.backend.clone(),
@@ -125,9 +144,8 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<i32> {
     } else {
         "/tasks?requireAgent=true"
     });
-    let submitted = api
-        .request(Method::POST, &path, Some(&serde_json::to_value(&spec)?))
-        .await?;
+    let body = serde_json::to_value(&spec)?;
+    let submitted = submit_retrying(&api, &path, &body, args.instance_wait).await?;
     let task_id = submitted["taskId"]
         .as_str()
         .context("no taskId in answer")?
@@ -145,6 +163,39 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<i32> {
         println!("{}", serde_json::to_string_pretty(&task)?);
     }
     Ok(exit_code_of(&task))
+}
+
+/// Submits, retrying while the gateway answers `INSTANCE_NOT_READY` (the caller's
+/// instance is being bootstrapped, seed 000), for at most `wait`, with progress on stderr.
+async fn submit_retrying(
+    api: &Api,
+    path: &str,
+    body: &Value,
+    wait: Duration,
+) -> anyhow::Result<Value> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut last_line = String::new();
+    loop {
+        match api.request(Method::POST, path, Some(body)).await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                let Some(f) = e.downcast_ref::<crate::client::ApiFailure>() else {
+                    return Err(e);
+                };
+                if f.code != "INSTANCE_NOT_READY" || tokio::time::Instant::now() >= deadline {
+                    return Err(e);
+                }
+                let retry =
+                    Duration::from_millis(f.retry_after_ms.unwrap_or(1000).clamp(100, 10_000));
+                let line = format!("paddock: {}", f.message);
+                if line != last_line {
+                    eprintln!("{line}");
+                    last_line = line;
+                }
+                tokio::time::sleep(retry.min(deadline - tokio::time::Instant::now())).await;
+            }
+        }
+    }
 }
 
 /// The exit code `paddock run` returns for a finished task.

@@ -2,7 +2,9 @@
 //! call the store; they never see a WebSocket.
 
 pub(crate) mod agents;
+pub(crate) mod instances;
 pub(crate) mod orgs;
+pub(crate) mod pools;
 pub(crate) mod system;
 pub(crate) mod tasks;
 
@@ -59,15 +61,49 @@ pub(crate) fn edge_routes(state: &AppState) -> Router<AppState> {
             "/v1/orgs/{org_id}/tasks/{task_id}/cancel",
             post(tasks::cancel),
         )
+        .route("/v1/orgs/{org_id}/pools", get(pools::list))
+        .route(
+            "/v1/orgs/{org_id}/pools/{name}",
+            put(pools::upsert).get(pools::get),
+        )
+        .route(
+            "/v1/orgs/{org_id}/pools/{name}/instances",
+            post(pools::create_instance),
+        )
+        .route("/v1/orgs/{org_id}/pools/{name}/watch", get(pools::watch))
+        .route("/v1/orgs/{org_id}/instances", get(instances::list))
+        .route(
+            "/v1/orgs/{org_id}/instances/{instance_id}",
+            get(instances::get),
+        )
+        .route(
+            "/v1/orgs/{org_id}/instances/{instance_id}/token",
+            post(instances::token),
+        )
+        .route(
+            "/v1/orgs/{org_id}/instances/{instance_id}/deregister",
+            post(instances::deregister),
+        )
+        .route(
+            "/v1/orgs/{org_id}/instances/{instance_id}/terminate",
+            post(instances::terminate),
+        )
+        .route(
+            "/v1/orgs/{org_id}/instances/{instance_id}/fail",
+            post(instances::fail),
+        )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             crate::auth::org_layer,
         ));
     Router::new()
         .merge(org_scoped)
+        .route("/api/v1/vm/status", get(instances::status))
+        .route("/api/v1/vm/rebootstrap", post(instances::rebootstrap))
         .route("/v1/whoami", get(orgs::whoami))
         .route("/v1/agents/pair", post(agents::pair))
         .route("/ws/executor", get(crate::executor_ws::ws_executor))
+        .route("/ws/vm", get(crate::executor_ws::ws_vm))
 }
 
 /// Internal service-to-service routes (`brain` role), behind `X-Service-Token`.

@@ -57,6 +57,46 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
         }
     }
     state.metrics.connected_agents.set(state.hub.len() as i64);
+    if let Ok(counts) = state.store.count_instances_by_status().await {
+        for s in paddock_store::InstanceStatus::ALL {
+            let n = counts.iter().find(|c| c.0 == s).map_or(0, |c| c.1);
+            state
+                .metrics
+                .instances
+                .get_or_create(&crate::metrics::StateLabel {
+                    state: s.as_str().into(),
+                })
+                .set(n as i64);
+        }
+    }
+    if let Ok(pools) = state.store.list_all_pools().await {
+        for pool in pools {
+            let Ok(instances) = state
+                .store
+                .list_instances(&pool.org_id, Some(&pool.id), false)
+                .await
+            else {
+                continue;
+            };
+            let Ok(d) = crate::api::pools::demand(&state, &pool, &instances).await else {
+                continue;
+            };
+            let label = crate::metrics::PoolLabel {
+                org: pool.org_id.clone(),
+                pool: pool.name.clone(),
+            };
+            state
+                .metrics
+                .pool_desired
+                .get_or_create(&label)
+                .set(i64::from(d.desired));
+            state
+                .metrics
+                .pool_actual
+                .get_or_create(&label)
+                .set(i64::from(d.live));
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::{Extension, Json};
 use futures_util::Stream;
@@ -86,10 +86,12 @@ pub(crate) async fn submit(
     Extension(principal): Extension<ApiPrincipal>,
     Path(org_id): Path<String>,
     Query(q): Query<SubmitQuery>,
-    AppJson(spec): AppJson<TaskSpec>,
+    headers: HeaderMap,
+    AppJson(mut spec): AppJson<TaskSpec>,
 ) -> Result<(StatusCode, Json<Submitted>), ApiError> {
     require_role(&principal, Role::Member)?;
     validate(&spec)?;
+    resolve_instance(&state, Some(&principal), &headers, &org_id, &mut spec).await?;
     if q.require_agent && !any_eligible_agent(&state, &org_id, &spec).await? {
         return Err(no_agent());
     }
@@ -101,6 +103,55 @@ pub(crate) async fn submit(
             state: "queued",
         }),
     ))
+}
+
+/// `selector.instance`: `self` becomes the caller's own instance (created and bootstrapped
+/// on demand; `503 INSTANCE_NOT_READY` with `retryAfterMs` until its runtime connects); an
+/// instance id must name one of the org's instances, and a user's instance only serves that
+/// user (or an owner/admin). `principal` is `None` for the service token, which names the
+/// user with `X-User-Id`.
+async fn resolve_instance(
+    state: &AppState,
+    principal: Option<&ApiPrincipal>,
+    headers: &HeaderMap,
+    org_id: &str,
+    spec: &mut TaskSpec,
+) -> Result<(), ApiError> {
+    let Some(sel) = spec.selector.as_mut() else {
+        return Ok(());
+    };
+    let Some(wanted) = sel.instance.clone() else {
+        return Ok(());
+    };
+    let user = match principal {
+        Some(p) => Some(crate::instances::acting_user(p, headers)?),
+        None => headers
+            .get("x-user-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+    };
+    if wanted == crate::instances::SELF_INSTANCE {
+        let user = user.ok_or_else(|| {
+            ApiError::invalid("selector.instance `self` with the service token needs `X-User-Id`")
+        })?;
+        let ticket = crate::instances::ticket(headers);
+        let inst = crate::instances::ready_instance(state, org_id, &user, ticket).await?;
+        sel.instance = Some(inst.id);
+        return Ok(());
+    }
+    let inst = state
+        .store
+        .get_instance(org_id, &wanted)
+        .await?
+        .ok_or_else(|| ApiError::not_found("instance"))?;
+    let privileged = principal.is_none_or(|p| p.role >= Role::Admin);
+    if let Some(owner) = &inst.user_id
+        && !privileged
+        && user.as_deref() != Some(owner.as_str())
+    {
+        return Err(ApiError::forbidden("this instance belongs to another user"));
+    }
+    Ok(())
 }
 
 /// Whether some live agent of the org could run this spec.
@@ -117,7 +168,10 @@ async fn any_eligible_agent(
     let agents = state.store.list_live_agents(org_id, fresh_after).await?;
     Ok(agents.iter().any(|a| {
         let caps = a.capabilities.clone().unwrap_or_default();
-        required.as_ref().is_none_or(|t| a.tags.contains(t))
+        // Instances take only work that selects them.
+        let targeted_ok = required.is_some() || !crate::executor_ws::is_instance(a);
+        targeted_ok
+            && required.as_ref().is_none_or(|t| a.tags.contains(t))
             && caps.kinds.contains(&spec.kind)
             && spec
                 .sandbox
@@ -202,9 +256,12 @@ pub(crate) async fn run(
     Extension(principal): Extension<ApiPrincipal>,
     Path(org_id): Path<String>,
     Query(q): Query<RunQuery>,
-    AppJson(spec): AppJson<TaskSpec>,
+    headers: HeaderMap,
+    AppJson(mut spec): AppJson<TaskSpec>,
 ) -> Result<(StatusCode, Json<TaskRow>), ApiError> {
     require_role(&principal, Role::Member)?;
+    validate(&spec)?;
+    resolve_instance(&state, Some(&principal), &headers, &org_id, &mut spec).await?;
     submit_and_wait(&state, &org_id, spec, q.wait_ms).await
 }
 
@@ -228,12 +285,16 @@ pub(crate) struct InternalDispatch {
     responses((status = 200, body = Object), (status = 503, body = crate::error::ErrorResponse)))]
 pub(crate) async fn internal_dispatch(
     State(state): State<AppState>,
+    headers: HeaderMap,
     AppJson(body): AppJson<InternalDispatch>,
 ) -> Result<(StatusCode, Json<TaskRow>), ApiError> {
     if state.store.get_org(&body.org_id).await?.is_none() {
         return Err(ApiError::not_found("org"));
     }
-    submit_and_wait(&state, &body.org_id, body.task, body.wait_ms).await
+    let mut task = body.task;
+    validate(&task)?;
+    resolve_instance(&state, None, &headers, &body.org_id, &mut task).await?;
+    submit_and_wait(&state, &body.org_id, task, body.wait_ms).await
 }
 
 /// Reads a task with its result.
