@@ -175,7 +175,14 @@ impl CgroupLayout {
     pub(crate) fn detect() -> CgroupLayout {
         let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-        let mut layout = Self::parse(&mountinfo, &own);
+        Self::detect_from(&mountinfo, &own)
+    }
+
+    /// The layout these texts of `/proc/self/mountinfo` and `/proc/self/cgroup` describe,
+    /// completed from the file systems they name (`memory.memsw.*` on v1, the controllers of
+    /// the unified hierarchy); the tests point them at a fixture tree.
+    pub(crate) fn detect_from(mountinfo: &str, own: &str) -> CgroupLayout {
+        let mut layout = Self::parse(mountinfo, own);
         if let Some(memory) = layout.v1("memory") {
             layout.memsw = memory.mount.join("memory.memsw.limit_in_bytes").exists();
         }
@@ -746,5 +753,158 @@ mod tests {
             layout.v2.as_ref().unwrap().mount,
             Path::new("/sys/fs/cgroup/uni fied")
         );
+    }
+
+    // cgroup v2: the dev and CI machines are v1-only, so the unified code paths run against
+    // fixture texts of /proc/self/mountinfo and /proc/self/cgroup naming a fake cgroup2
+    // tree in a temporary directory (plain files stand for the kernel's interface files).
+
+    /// A fake cgroup2 mount at `<dir>/cgroup` offering `controllers`, with this process in
+    /// `/agent.slice/paddock-agent.service`; the mountinfo and /proc/self/cgroup texts.
+    fn fake_v2(dir: &Path, controllers: &str) -> (String, String) {
+        let mount = dir.join("cgroup");
+        fs::create_dir_all(mount.join("agent.slice/paddock-agent.service")).unwrap();
+        fs::write(mount.join("cgroup.controllers"), controllers).unwrap();
+        let mountinfo = format!(
+            "22 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n\
+             35 22 0:30 / {} rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate\n",
+            mount.display()
+        );
+        (
+            mountinfo,
+            "0::/agent.slice/paddock-agent.service\n".to_string(),
+        )
+    }
+
+    #[test]
+    fn v2_layout_is_detected_from_the_unified_mount() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mountinfo, own) = fake_v2(dir.path(), "cpuset cpu io memory hugetlb pids rdma\n");
+        let layout = CgroupLayout::detect_from(&mountinfo, &own);
+        let mount = dir.path().join("cgroup");
+        let v2 = layout.v2.clone().unwrap();
+        assert_eq!(v2.mount, mount);
+        assert_eq!(v2.own, mount.join("agent.slice/paddock-agent.service"));
+        assert!(v2.controllers.iter().any(|c| c == "memory"));
+        assert!(layout.v1.is_empty());
+        assert!(layout.counters_v2());
+        assert!(layout.swap_limit_supported());
+        assert_eq!(layout.describe(), format!("v2 ({})", mount.display()));
+        assert_eq!(layout.run_layout(), Ok(RunLayout::V2(v2.clone())));
+
+        // A runtime's container cgroup: under the agent's own cgroup, else under the root.
+        assert_eq!(layout.container_dir("memory", "c1"), None);
+        fs::create_dir(mount.join("c1")).unwrap();
+        assert_eq!(layout.container_dir("pids", "c1"), Some(mount.join("c1")));
+        fs::create_dir(v2.own.join("c1")).unwrap();
+        assert_eq!(layout.container_dir("pids", "c1"), Some(v2.own.join("c1")));
+    }
+
+    #[test]
+    fn v2_without_the_needed_controllers_is_unusable() {
+        let dir = tempfile::tempdir().unwrap();
+        // memory delegated, but not pids: no run layout.
+        let (mountinfo, own) = fake_v2(dir.path(), "cpu memory\n");
+        let layout = CgroupLayout::detect_from(&mountinfo, &own);
+        assert!(layout.v2.is_some());
+        assert!(layout.run_layout().is_err());
+        // No memory controller on the unified hierarchy: not used at all.
+        let (mountinfo, own) = fake_v2(dir.path(), "cpu pids\n");
+        let layout = CgroupLayout::detect_from(&mountinfo, &own);
+        assert_eq!(layout.v2, None);
+        assert_eq!(layout.describe(), "none");
+        assert!(layout.run_layout().is_err());
+    }
+
+    #[test]
+    fn hybrid_hosts_use_v1_and_ignore_the_empty_unified_mount() {
+        let dir = tempfile::tempdir().unwrap();
+        let (v2_mountinfo, _) = fake_v2(dir.path(), "");
+        let memory = dir.path().join("memory");
+        fs::create_dir_all(memory.join("agent")).unwrap();
+        fs::write(memory.join("memory.memsw.limit_in_bytes"), "max").unwrap();
+        let mountinfo = format!(
+            "{v2_mountinfo}\
+             40 22 0:40 / {mem} rw - cgroup cgroup rw,memory\n\
+             41 22 0:41 / {d}/cpu rw - cgroup cgroup rw,cpu,cpuacct\n\
+             42 22 0:42 / {d}/pids rw - cgroup cgroup rw,pids\n",
+            mem = memory.display(),
+            d = dir.path().display()
+        );
+        let own = "5:pids:/agent\n4:cpu,cpuacct:/agent\n3:memory:/agent\n0::/\n";
+        let layout = CgroupLayout::detect_from(&mountinfo, own);
+        assert_eq!(layout.v2, None);
+        assert!(layout.memsw && layout.swap_limit_supported() && !layout.counters_v2());
+        assert_eq!(layout.v1("memory").unwrap().own, memory.join("agent"));
+        match layout.run_layout().unwrap() {
+            RunLayout::V1(controllers) => assert_eq!(controllers.len(), 3),
+            other @ RunLayout::V2(_) => panic!("expected v1, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn v2_subtree_mounts_resolve_the_own_cgroup() {
+        // A container that sees only its part of the hierarchy mounted at /sys/fs/cgroup.
+        let layout = CgroupLayout::parse(
+            "35 22 0:30 /docker/abc /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n",
+            "0::/docker/abc/agent\n",
+        );
+        assert_eq!(layout.v2.unwrap().own, Path::new("/sys/fs/cgroup/agent"));
+        // No `0::` line: the root.
+        let layout =
+            CgroupLayout::parse("35 22 0:30 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n", "");
+        assert_eq!(layout.v2.unwrap().own, Path::new("/sys/fs/cgroup"));
+    }
+
+    #[test]
+    fn v2_run_cgroup_gets_its_limits_counters_and_kill() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mountinfo, own) = fake_v2(dir.path(), "cpu memory pids\n");
+        let layout = CgroupLayout::detect_from(&mountinfo, &own)
+            .run_layout()
+            .unwrap();
+        let limits = Limits {
+            memory_bytes: 64 * MIB,
+            cpu_millis: 1500,
+            pids: 32,
+        };
+        let cg = Cgroup::create(&layout, "task-1", &limits).unwrap();
+        let parent = dir
+            .path()
+            .join("cgroup/agent.slice/paddock-agent.service/paddock");
+        let run = parent.join("task-1");
+        let read = |p: &Path| fs::read_to_string(p).unwrap();
+        assert_eq!(
+            read(&parent.join("cgroup.subtree_control")),
+            "+memory +cpu +pids"
+        );
+        assert_eq!(read(&run.join("memory.max")), "67108864");
+        assert_eq!(read(&run.join("memory.swap.max")), "0");
+        assert_eq!(read(&run.join("cpu.max")), "150000 100000");
+        assert_eq!(read(&run.join("pids.max")), "32");
+        // One directory, whatever the controller.
+        assert_eq!(cg.dir("memory"), Some(run.as_path()));
+        assert_eq!(cg.dir("pids"), Some(run.as_path()));
+        assert_eq!(cg.procs_files(), vec![run.join("cgroup.procs")]);
+
+        assert_eq!(cg.counters(), Counters::default());
+        fs::write(
+            run.join("memory.events"),
+            "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\noom_group_kill 0\n",
+        )
+        .unwrap();
+        fs::write(run.join("pids.events"), "max 7\n").unwrap();
+        assert_eq!(
+            cg.counters(),
+            Counters {
+                oom_kills: 1,
+                pids_max: 7
+            }
+        );
+        fs::write(run.join("cgroup.procs"), "").unwrap();
+        assert!(cg.pids().is_empty());
+        // v2 kills through cgroup.kill.
+        cg.kill_all();
+        assert_eq!(read(&run.join("cgroup.kill")), "1");
     }
 }
