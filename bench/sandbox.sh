@@ -19,7 +19,7 @@ table=$("$bin" --runs "$runs" --markdown)
   echo
   echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r), $(. /etc/os-release; echo "$PRETTY_NAME")."
   echo "Versions: $(crun --version 2>/dev/null | head -n1), $(runc --version 2>/dev/null | head -n1), $(bwrap --version 2>/dev/null), $(docker version --format 'docker {{.Server.Version}}' 2>/dev/null)."
-  echo "Command: \`bench/sandbox.sh $runs\` (release build; each paddock row is one \`Sandbox::run\` as the agent calls it, including cgroup set-up and clean-up)."
+  echo "Command: \`bench/sandbox.sh $runs\` (release build; contenders run round-robin; each paddock row is one \`Sandbox::run\` as the agent calls it, including cgroup set-up; the clean-up runs in the background, as in the agent)."
   echo
   echo "$table"
 } | tee -a docs/BENCHMARKS.md
