@@ -14,6 +14,9 @@
 //!   settings), the configured extras, then the instance's variables (`VM_*`,
 //!   `CONTROL_PLANE_WS`). The supervisor's own API token never reaches an instance, and the
 //!   instance token is never on a command line (`ps` shows it to every user).
+//! - Every process carries `PADDOCK_POOL_PROCESS_DIR=<dir>` in its environment: `list`
+//!   adopts (records) a marked process that has no record (a supervisor killed between
+//!   spawning and recording it), and `destroy` finds it, so no process escapes.
 //! - `destroy` sends SIGTERM to the process group of the agent and of each of its
 //!   descendants (tasks run in groups of their own), waits up to the grace, then SIGKILLs
 //!   what is left, and removes the record. Processes are matched by pid *and* start time.
@@ -30,6 +33,10 @@ use super::{
     Launch, Provider, ProviderError, ProviderFuture, ProviderInstance, ProviderResult, safe_id,
 };
 use crate::files::write_atomic;
+
+/// Set on every instance process to the provider's directory: `list` adopts a marked
+/// process that has no record, `destroy` finds it.
+pub const MARKER_VAR: &str = "PADDOCK_POOL_PROCESS_DIR";
 
 /// Environment variables of the supervisor passed to instances besides `PADDOCK_AGENT_*`.
 const PASSED_VARS: &[&str] = &["TMPDIR", "LANG", "RUST_LOG", "DOCKER_HOST"];
@@ -131,6 +138,9 @@ impl ProcessProvider {
         }
         cmd.envs(&self.cfg.env);
         cmd.envs(&launch.env);
+        // The marker that finds the process even without its record (a supervisor killed
+        // between spawning it and writing the record).
+        cmd.env(MARKER_VAR, &self.cfg.dir);
         cmd.process_group(0)
             .stdin(std::process::Stdio::null())
             .kill_on_drop(false);
@@ -207,6 +217,11 @@ impl ProcessProvider {
         if let Some(rec) = read_record(&path) {
             terminate_tree(rec.pid, rec.start_time, self.cfg.grace).await?;
         }
+        for (id, pid, start_time) in marked_processes(&self.cfg.dir) {
+            if id == instance_id {
+                terminate_tree(pid, start_time, self.cfg.grace).await?;
+            }
+        }
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -264,9 +279,68 @@ impl ProcessProvider {
                 instance_id: rec.instance_id,
             });
         }
+        // Adopt marked processes that have no record.
+        for (id, pid, start_time) in marked_processes(&self.cfg.dir) {
+            if out.iter().any(|i| i.instance_id == id) || !safe_id(&id) {
+                continue;
+            }
+            let record = ProcessRecord {
+                version: 1,
+                instance_id: id.clone(),
+                pid,
+                start_time,
+                created_at: now_ms(),
+                log: self.log_path(&id),
+            };
+            if let Ok(bytes) = serde_json::to_vec_pretty(&record) {
+                let _ = write_atomic(&self.record_path(&id), &bytes);
+            }
+            tracing::info!(instance = %id, pid, "process provider: adopted a process without a record");
+            out.push(ProviderInstance {
+                running: true,
+                detail: format!("pid {pid}"),
+                instance_id: id,
+            });
+        }
         out.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
         Ok(out)
     }
+}
+
+/// Live process-group leaders carrying [`MARKER_VAR`] = `dir`: (instance id, pid, start
+/// time).
+fn marked_processes(dir: &Path) -> Vec<(String, i32, u64)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let marker = format!("{MARKER_VAR}={}", dir.display());
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Some(st) = proc_stat(pid) else { continue };
+        if st.pgid != pid || matches!(st.state, 'Z' | 'X') {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let mut marked = false;
+        let mut id = None;
+        for var in environ.split(|b| *b == 0) {
+            let var = String::from_utf8_lossy(var);
+            if var == marker {
+                marked = true;
+            } else if let Some(v) = var.strip_prefix("VM_INSTANCE_ID=") {
+                id = Some(v.to_string());
+            }
+        }
+        if let (true, Some(id)) = (marked, id) {
+            out.push((id, pid, st.start_time));
+        }
+    }
+    out
 }
 
 impl Provider for ProcessProvider {

@@ -212,3 +212,21 @@ async fn unsafe_ids_and_foreign_files_are_refused_or_ignored() {
     std::fs::write(dir.path().join("notes.json"), "not a record").unwrap();
     assert_eq!(p.list().await.unwrap(), Some(vec![]));
 }
+
+#[tokio::test]
+async fn a_process_without_its_record_is_adopted_and_destroyable() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = provider(dir.path(), FAKE_AGENT, Duration::from_secs(5));
+    p.create(&launch("stray")).await.unwrap();
+    let rec = p.record("stray").unwrap();
+    // As if the supervisor died between spawning it and writing the record.
+    std::fs::remove_file(p.record_path("stray")).unwrap();
+    let listed = p.list().await.unwrap().unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(listed[0].running);
+    assert_eq!(p.record("stray").unwrap().pid, rec.pid);
+    std::fs::remove_file(p.record_path("stray")).unwrap();
+    p.destroy("stray").await.unwrap();
+    assert!(!process_alive(rec.pid, rec.start_time));
+    assert_eq!(p.list().await.unwrap(), Some(vec![]));
+}
