@@ -103,6 +103,10 @@ need_apt runc runc
 need_apt dockerd docker.io
 need_apt bwrap bubblewrap
 need_apt /bin/busybox busybox-static
+# Bundle runtimes (bundle.run e2e: node and python bundles).
+need_apt node nodejs
+need_apt npm npm
+/usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt /nonexistent-venv python3-venv
 # crun refuses cgroup-v1 hybrid hosts until hugetlb is a v1 hierarchy (see DESIGN.md).
 if [ "$(id -u)" = 0 ] && [ -d /sys/fs/cgroup/memory ] && ! mountpoint -q /sys/fs/cgroup/hugetlb; then
   mkdir -p /sys/fs/cgroup/hugetlb

@@ -6,6 +6,7 @@
 //!   until shutdown; tasks keep running across reconnects and their results are re-sent
 //!   until the gateway acknowledges them ([`runner`]).
 
+pub mod bundle_run;
 pub mod credentials;
 pub mod runner;
 pub mod sandbox;

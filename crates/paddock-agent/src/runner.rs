@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use paddock_proto::{
-    AgentMessage, Dispatch, ErrorBody, ErrorCode, KIND_AGENT_EXECUTE, NetworkMode, Output,
-    ResultStatus, RunningTask, TaskRef, TaskResult, now_ms,
+    AgentMessage, Dispatch, ErrorBody, ErrorCode, KIND_AGENT_EXECUTE, KIND_BUNDLE_RUN, NetworkMode,
+    Output, ResultStatus, RunningTask, TaskRef, TaskResult, now_ms,
 };
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -322,7 +322,7 @@ impl Runner {
             started_at_ms: started,
             finished_at_ms: now_ms(),
         };
-        if d.spec.kind != KIND_AGENT_EXECUTE {
+        if d.spec.kind != KIND_AGENT_EXECUTE && d.spec.kind != KIND_BUNDLE_RUN {
             return fail(
                 ErrorCode::KindUnsupported,
                 format!("this agent does not run `{}` tasks", d.spec.kind),
@@ -343,9 +343,6 @@ impl Runner {
         if let Err(e) = backend.check(&d.spec.sandbox) {
             return fail(e.code(), e.to_string());
         }
-        let Some(shell) = d.spec.shell.clone() else {
-            return fail(ErrorCode::InvalidRequest, "`shell` is required".into());
-        };
         let workdir = self
             .settings
             .workdir_root
@@ -356,13 +353,47 @@ impl Runner {
                 format!("cannot create work directory: {e}"),
             );
         }
+        let (argv, task_env, stdin, install) = if d.spec.kind == KIND_BUNDLE_RUN {
+            let Some(bundle) = d.spec.bundle.clone() else {
+                let _ = std::fs::remove_dir_all(&workdir);
+                return fail(ErrorCode::InvalidRequest, "`bundle` is required".into());
+            };
+            match crate::bundle_run::prepare(
+                &bundle,
+                &workdir,
+                &self.settings.bundle_cache_dir,
+                self.settings.bundle_cache_max_bytes,
+            )
+            .await
+            {
+                Ok(app) => {
+                    let cmds = crate::bundle_run::commands(&bundle, &app);
+                    (cmds.run, bundle.env.clone(), None, cmds.install)
+                }
+                Err((code, message)) => {
+                    let _ = std::fs::remove_dir_all(&workdir);
+                    return fail(code, message);
+                }
+            }
+        } else {
+            let Some(shell) = d.spec.shell.clone() else {
+                let _ = std::fs::remove_dir_all(&workdir);
+                return fail(ErrorCode::InvalidRequest, "`shell` is required".into());
+            };
+            (
+                shell.command(),
+                shell.env.clone(),
+                shell.stdin.clone(),
+                None,
+            )
+        };
         let inside = backend
             .workdir_inside()
             .map_or_else(|| workdir.display().to_string(), str::to_string);
         let env = build_env(
             &inside,
             &d,
-            &shell.env,
+            &task_env,
             &d.spec.sandbox.env_passthrough_allowlist,
         );
         let timeout = d.spec.timeout_ms.map_or_else(
@@ -376,9 +407,9 @@ impl Runner {
         let req = RunRequest {
             task_id: d.task_id.clone(),
             attempt: d.attempt,
-            argv: shell.command(),
+            argv,
             env,
-            stdin: shell.stdin.clone(),
+            stdin,
             workdir: workdir.clone(),
             timeout,
             kill_grace: self.settings.host_kill_grace,
@@ -387,6 +418,38 @@ impl Runner {
             limits: self.settings.limits.tightened(d.spec.sandbox.limits),
             rootfs: self.settings.rootfs.clone(),
         };
+        if let Some(script) = install {
+            // Dependencies, installed in the task's own sandbox before the entrypoint.
+            let mut step = req.clone();
+            step.argv = vec!["/bin/sh".into(), "-c".into(), script];
+            step.stdin = None;
+            // Its own name: containers and cgroups are named after task and attempt.
+            step.task_id = format!("{}-install", d.task_id);
+            let (itx, mut irx) = mpsc::channel::<crate::sandbox::OutputChunk>(64);
+            let drain = async { while irx.recv().await.is_some() {} };
+            let (installed, ()) = tokio::join!(backend.run(step, itx, cancel.clone()), drain);
+            let problem = match installed {
+                Ok(o) if o.status == ResultStatus::Succeeded => None,
+                Ok(o) => Some(format!(
+                    "{}{}{}",
+                    o.error_message
+                        .map(|m| format!("{m}: "))
+                        .unwrap_or_default(),
+                    tail(&o.stderr, 2048),
+                    tail(&o.stdout, 512)
+                )),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(problem) = problem {
+                if !d.spec.sandbox.keep_workdir {
+                    let _ = std::fs::remove_dir_all(&workdir);
+                }
+                return fail(
+                    ErrorCode::BundleInstallFailed,
+                    format!("installing the bundle's dependencies failed: {problem}"),
+                );
+            }
+        }
         let (tx, mut rx) = mpsc::channel::<crate::sandbox::OutputChunk>(64);
         let forward = async {
             let mut seq = 0u64;
@@ -441,6 +504,18 @@ impl Runner {
             Err(e) => fail(e.code(), e.to_string()),
         }
     }
+}
+
+/// The last `max` bytes of `s` (on a character boundary).
+fn tail(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
 }
 
 /// The task's environment: a minimal base, then allowlisted agent variables, then the

@@ -29,6 +29,10 @@ pub struct AgentSettings {
     /// Root filesystem for the `process` and `oci` backends (`PADDOCK_AGENT_ROOTFS`); `None`
     /// shows a read-only view of the host's.
     pub rootfs: Option<PathBuf>,
+    /// `PADDOCK_AGENT_BUNDLE_CACHE`: digest-addressed bundle cache.
+    pub bundle_cache_dir: PathBuf,
+    /// `PADDOCK_AGENT_BUNDLE_CACHE_MAX_MB`: its size cap (LRU eviction).
+    pub bundle_cache_max_bytes: u64,
 }
 
 impl AgentSettings {
@@ -45,6 +49,8 @@ impl AgentSettings {
             shutdown_grace: Duration::from_secs(30),
             limits: crate::sandbox::Limits::default(),
             rootfs: None,
+            bundle_cache_dir: paddock_bundle::DEFAULT_CACHE_DIR.into(),
+            bundle_cache_max_bytes: paddock_bundle::DEFAULT_CACHE_MAX_BYTES,
         }
     }
 }

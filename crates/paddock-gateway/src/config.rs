@@ -74,6 +74,31 @@ pub struct GatewayConfig {
     pub tick: Duration,
     /// Instances and their bootstrap (seed 000).
     pub instances: InstanceSettings,
+    /// Workflow bundles (seed 001).
+    pub bundles: BundleSettings,
+}
+
+/// Workflow bundle settings.
+#[derive(Debug, Clone)]
+pub struct BundleSettings {
+    /// `PADDOCK_OBJECT_STORE_URL`: `file:///abs/dir` or `s3://bucket?endpoint=...&region=...`
+    /// (credentials from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`). Default: a
+    /// directory under the system temp dir (the binary passes `<data dir>/objects`).
+    pub object_store_url: Option<String>,
+    /// `PADDOCK_BUNDLE_MAX_BYTES` (1 GiB): largest accepted upload.
+    pub max_bytes: u64,
+    /// Lifetime of download URLs in spawn configs (15 min).
+    pub url_ttl: Duration,
+}
+
+impl Default for BundleSettings {
+    fn default() -> BundleSettings {
+        BundleSettings {
+            object_store_url: None,
+            max_bytes: 1 << 30,
+            url_ttl: Duration::from_secs(900),
+        }
+    }
 }
 
 /// Instance bootstrap settings (seed 000's `VM_*` variables).
@@ -154,6 +179,7 @@ impl GatewayConfig {
             max_frame_bytes: paddock_proto::DEFAULT_MAX_FRAME_BYTES,
             tick: Duration::from_secs(1),
             instances: InstanceSettings::default(),
+            bundles: BundleSettings::default(),
         }
     }
 

@@ -52,6 +52,8 @@ pub struct AppState {
     pub signer: Arc<vm_token::TokenSigner>,
     /// Org-level changes for watchers (`/pools/{name}/watch`).
     pub org_events: tokio::sync::broadcast::Sender<bus::OrgSignal>,
+    /// Bundle bytes (local directory or S3).
+    pub bundles: Arc<paddock_bundle::BundleStore>,
 }
 
 /// The router for a state: routes depend on the role.
@@ -69,7 +71,8 @@ pub fn app(state: AppState) -> Router {
             let path = uri.path();
             let edge_path =
                 path.starts_with("/v1/") || path.starts_with("/ws/") || path.starts_with("/api/");
-            let brain_path = path.starts_with("/internal/");
+            let brain_path = path.starts_with("/internal/") || path.starts_with("/api/internal/");
+            let edge_path = edge_path && !brain_path;
             if (edge_path && !role.is_edge()) || (brain_path && !role.is_brain()) {
                 return error::ApiError::new(
                     axum::http::StatusCode::MISDIRECTED_REQUEST,
@@ -101,6 +104,12 @@ impl Gateway {
             Some(k) if !k.is_empty() => k,
             _ => store.gateway_secret("instance-token-key").await?,
         };
+        let bundles = match &cfg.bundles.object_store_url {
+            Some(url) => paddock_bundle::BundleStore::from_url(url)?,
+            None => {
+                paddock_bundle::BundleStore::local(&std::env::temp_dir().join("paddock-objects"))?
+            }
+        };
         let state = AppState {
             cfg: Arc::new(cfg),
             store,
@@ -111,6 +120,7 @@ impl Gateway {
             shutdown: CancellationToken::new(),
             signer: Arc::new(vm_token::TokenSigner::new(key.into_bytes())),
             org_events: tokio::sync::broadcast::channel(1024).0,
+            bundles: Arc::new(bundles),
         };
         let workers = TaskTracker::new();
         workers.spawn(bus::listen(state.clone()));

@@ -3,7 +3,7 @@
 
 use utoipa::OpenApi;
 
-use crate::api::{agents, instances, orgs, pools, system, tasks};
+use crate::api::{agents, bundles, instances, orgs, pools, spawn, system, tasks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -47,6 +47,16 @@ use crate::api::{agents, instances, orgs, pools, system, tasks};
         pools::get,
         pools::create_instance,
         pools::watch,
+        bundles::get_bundle,
+        bundles::put_bundle,
+        bundles::register_version,
+        bundles::get_workflow,
+        bundles::internal_spawn_config,
+        bundles::download,
+        spawn::spawn,
+        spawn::list,
+        spawn::status,
+        spawn::release,
         system::healthz,
         system::readyz,
         system::metrics,

@@ -63,6 +63,11 @@ impl TokenSigner {
         mac
     }
 
+    /// The hex HMAC of any message (signed download URLs).
+    pub fn sign_message(&self, message: &str) -> String {
+        hex::encode(self.mac(message).finalize().into_bytes())
+    }
+
     /// A token for an instance, valid until `expires_at`.
     pub fn sign(&self, instance_id: &str, org_id: &str, expires_at: i64) -> String {
         let body = format!("{PREFIX}.{instance_id}.{org_id}.{expires_at}");
@@ -100,6 +105,12 @@ impl TokenSigner {
             expires_at,
         })
     }
+}
+
+/// Compares two byte strings in constant time.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    bool::from(a.ct_eq(b))
 }
 
 #[cfg(test)]

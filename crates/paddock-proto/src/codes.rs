@@ -114,6 +114,44 @@ error_codes! {
     InstanceTokenExpired => "INSTANCE_TOKEN_EXPIRED",
     /// The pool already has `max` live instances.
     PoolAtCapacity => "POOL_AT_CAPACITY",
+    /// Bundle refused: an entry has an absolute path.
+    BundlePathAbsolute => "BUNDLE_PATH_ABSOLUTE",
+    /// Bundle refused: an entry's path climbs out with `..`.
+    BundlePathTraversal => "BUNDLE_PATH_TRAVERSAL",
+    /// Bundle refused: a symbolic or hard link points outside the tree.
+    BundleLinkEscape => "BUNDLE_LINK_ESCAPE",
+    /// Bundle refused: a device, FIFO or other special entry.
+    BundleSpecialFile => "BUNDLE_SPECIAL_FILE",
+    /// Bundle refused: an entry over the size limit.
+    BundleEntryTooLarge => "BUNDLE_ENTRY_TOO_LARGE",
+    /// Bundle refused: more entries than the limit.
+    BundleTooManyEntries => "BUNDLE_TOO_MANY_ENTRIES",
+    /// Bundle refused: it decompresses past the ratio or total limit.
+    BundleDecompressionBomb => "BUNDLE_DECOMPRESSION_BOMB",
+    /// Bundle refused: not a valid archive.
+    BundleCorrupt => "BUNDLE_CORRUPT",
+    /// The bundle's bytes do not have the expected SHA-256; nothing was kept.
+    BundleHashMismatch => "BUNDLE_HASH_MISMATCH",
+    /// A digest is not 64 hex digits.
+    BundleInvalidDigest => "BUNDLE_INVALID_DIGEST",
+    /// A directory could not be packed.
+    BundlePackFailed => "BUNDLE_PACK_FAILED",
+    /// The bundle could not be downloaded.
+    BundleDownloadFailed => "BUNDLE_DOWNLOAD_FAILED",
+    /// The object store is misconfigured.
+    BundleStoreConfig => "BUNDLE_STORE_CONFIG",
+    /// The object store failed.
+    BundleStoreFailed => "BUNDLE_STORE_FAILED",
+    /// No such bundle (or not one this org uploaded).
+    BundleNotFound => "BUNDLE_NOT_FOUND",
+    /// Local I/O failed while handling a bundle.
+    BundleIo => "BUNDLE_IO",
+    /// Installing the bundle's dependencies failed (`npm ci`, `pip install`).
+    BundleInstallFailed => "BUNDLE_INSTALL_FAILED",
+    /// The bundle is larger than the gateway accepts.
+    BundleTooLarge => "BUNDLE_TOO_LARGE",
+    /// The workflow has no registered bundle.
+    WorkflowNotFound => "WORKFLOW_NOT_FOUND",
 }
 
 impl std::fmt::Display for ErrorCode {

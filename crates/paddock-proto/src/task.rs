@@ -8,7 +8,43 @@ use serde::{Deserialize, Serialize};
 pub const KIND_AGENT_EXECUTE: &str = "agent.execute";
 
 /// Kinds an agent of this build can run.
-pub const AGENT_KINDS: &[&str] = &[KIND_AGENT_EXECUTE];
+pub const AGENT_KINDS: &[&str] = &[KIND_AGENT_EXECUTE, KIND_BUNDLE_RUN];
+
+/// Kind of a workflow-bundle run (seed 001): fetch, verify, unpack, install, run.
+pub const KIND_BUNDLE_RUN: &str = "bundle.run";
+
+/// Runtimes a bundle may declare.
+pub const BUNDLE_RUNTIMES: &[&str] = &["node", "python", "shell", "binary"];
+
+/// The payload of a `bundle.run` task: what `GET /api/internal/spawn/{workflowId}` returns,
+/// carried to the agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BundleTask {
+    /// Where to download the archive (a presigned S3 URL or a signed gateway URL). A
+    /// credential: never logged.
+    pub url: String,
+    /// SHA-256 of the archive, hex.
+    pub sha256: String,
+    /// Archive size in bytes.
+    pub size: u64,
+    /// `node`, `python`, `shell` or `binary`.
+    pub runtime: String,
+    /// Path of the entrypoint inside the bundle.
+    pub entrypoint: String,
+    /// Arguments for the entrypoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Per-task environment.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Workflow id and version (informational, for logs and events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_id: Option<String>,
+    /// Version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+}
 
 /// Default per-task timeout when the submitter gives none.
 pub const DEFAULT_TASK_TIMEOUT_MS: u64 = 60_000;
@@ -154,6 +190,9 @@ pub struct TaskSpec {
     /// Shell payload, required for `agent.execute`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shell: Option<ShellTask>,
+    /// Bundle payload, required for `bundle.run`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<BundleTask>,
     /// Sandbox options.
     #[serde(default)]
     pub sandbox: SandboxSpec,
@@ -185,6 +224,37 @@ impl TaskSpec {
         if let Some(sel) = &self.selector {
             sel.required_tag()?;
         }
+        if self.kind == KIND_BUNDLE_RUN {
+            if self.shell.is_some() {
+                return Err("`shell` is not used by bundle.run".into());
+            }
+            let b = self
+                .bundle
+                .as_ref()
+                .ok_or("`bundle` is required for bundle.run")?;
+            if b.sha256.len() != 64 || !b.sha256.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return Err("bundle.sha256 must be 64 hex digits".into());
+            }
+            if !BUNDLE_RUNTIMES.contains(&b.runtime.as_str()) {
+                return Err(format!(
+                    "bundle.runtime must be one of {}",
+                    BUNDLE_RUNTIMES.join(", ")
+                ));
+            }
+            if b.entrypoint.is_empty()
+                || b.entrypoint.starts_with('/')
+                || b.entrypoint.split('/').any(|c| c == "..")
+            {
+                return Err("bundle.entrypoint must be a relative path inside the bundle".into());
+            }
+            if !(b.url.starts_with("http://") || b.url.starts_with("https://")) {
+                return Err("bundle.url must be http(s)".into());
+            }
+            return self.validate_common();
+        }
+        if self.bundle.is_some() {
+            return Err("`bundle` is only used by bundle.run".into());
+        }
         let shell = self
             .shell
             .as_ref()
@@ -200,6 +270,11 @@ impl TaskSpec {
                 return Err(format!("shell.env: invalid variable name {key:?}"));
             }
         }
+        self.validate_common()
+    }
+
+    /// Checks shared by every kind: timeouts and limits.
+    fn validate_common(&self) -> Result<(), String> {
         if let Some(t) = self.timeout_ms
             && (t == 0 || t > MAX_TASK_TIMEOUT_MS)
         {

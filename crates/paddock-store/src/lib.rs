@@ -7,6 +7,7 @@
 //! [`tasks`] (`FOR UPDATE SKIP LOCKED` plus a per-org advisory lock on PostgreSQL).
 
 pub mod agents;
+pub mod bundles;
 pub mod instances;
 pub mod orgs;
 pub mod secret;
@@ -19,6 +20,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
 pub use agents::{Agent, PairingError};
+pub use bundles::{SpawnRow, WorkflowVersion};
 pub use instances::{
     BootstrapDecision, Instance, InstanceStatus, NewPool, Pool, PoolCapacityError,
 };
@@ -67,6 +69,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "instances",
         include_str!("../migrations/0002_instances.sql"),
     ),
+    (3, "bundles", include_str!("../migrations/0003_bundles.sql")),
 ];
 
 /// Handle to the database. Cheap to clone.

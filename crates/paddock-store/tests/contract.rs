@@ -59,6 +59,7 @@ fn shell(argv: &[&str]) -> TaskSpec {
             argv: argv.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         }),
+        bundle: None,
         sandbox: Default::default(),
         timeout_ms: None,
         queue_timeout_ms: None,

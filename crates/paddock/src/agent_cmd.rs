@@ -75,6 +75,12 @@ pub(crate) struct RunSettings {
         default_value_t = 65_536
     )]
     pub docker_output_max_chars: usize,
+    /// Digest-addressed cache of workflow bundles (`bundle.run`).
+    #[arg(long, env = "PADDOCK_AGENT_BUNDLE_CACHE", default_value = paddock_bundle::DEFAULT_CACHE_DIR)]
+    bundle_cache: PathBuf,
+    /// Size cap of the bundle cache in MiB (least recently used bundles are evicted).
+    #[arg(long, env = "PADDOCK_AGENT_BUNDLE_CACHE_MAX_MB", default_value_t = 10 * 1024)]
+    bundle_cache_max_mb: u64,
     /// Root of per-run work directories (default ~/.paddock/workdir).
     #[arg(long, env = "PADDOCK_AGENT_WORKDIR_ROOT")]
     pub workdir_root: Option<PathBuf>,
@@ -124,6 +130,8 @@ impl RunSettings {
             pids: self.sandbox_pids.max(8),
         };
         s.rootfs = self.rootfs.clone();
+        s.bundle_cache_dir = self.bundle_cache.clone();
+        s.bundle_cache_max_bytes = self.bundle_cache_max_mb.max(1) << 20;
         s
     }
 }

@@ -81,6 +81,18 @@ pub(crate) struct GatewayArgs {
     pub tick_ms: u64,
     #[command(flatten)]
     pub instances: InstanceArgs,
+    /// Where bundles are kept: `file:///abs/dir` or
+    /// `s3://bucket?endpoint=http://host:port&region=us-east-1` (credentials from
+    /// AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) [default: file://<data dir>/objects].
+    #[arg(
+        long,
+        env = "PADDOCK_OBJECT_STORE_URL",
+        help_heading = "Bundles (seed 001)"
+    )]
+    pub object_store_url: Option<String>,
+    /// Largest bundle accepted by upload (bytes).
+    #[arg(long, env = "PADDOCK_BUNDLE_MAX_BYTES", default_value_t = 1 << 30, help_heading = "Bundles (seed 001)")]
+    pub bundle_max_bytes: u64,
 }
 
 /// Instances on demand (seed 000).
@@ -185,6 +197,15 @@ impl GatewayArgs {
             anyhow::bail!("PADDOCK_JWT_SECRET / JWT_SECRET must be at least 16 characters");
         }
         cfg.instances.ws_url = i.vm_ws_url.clone();
+        cfg.bundles.object_store_url = Some(match &self.object_store_url {
+            Some(u) if !u.trim().is_empty() => u.clone(),
+            _ => {
+                let dir = std::path::absolute(self.data_dir.join("objects"))
+                    .context("resolving the data directory")?;
+                format!("file://{}", dir.display())
+            }
+        });
+        cfg.bundles.max_bytes = self.bundle_max_bytes.max(1);
         Ok(cfg)
     }
 }

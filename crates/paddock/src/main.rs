@@ -2,6 +2,7 @@
 //! each subcommand lives in its own module.
 
 mod agent_cmd;
+mod bundle_cmd;
 mod client;
 mod gateway_cmd;
 mod logging;
@@ -49,6 +50,9 @@ enum Command {
     /// Create orgs (needs the gateway's service token).
     #[command(subcommand)]
     Org(run_cmd::OrgCommand),
+    /// Workflow bundles (seed 001): push a directory, fetch and verify a bundle.
+    #[command(subcommand)]
+    Bundle(bundle_cmd::BundleCommand),
     /// Your own instance (seed 000): status and forced rebootstrap.
     #[command(subcommand)]
     Vm(vm_cmd::VmCommand),
@@ -88,6 +92,7 @@ fn main() {
             Command::Task(cmd) => run_cmd::task(cmd).await,
             Command::Org(cmd) => run_cmd::org(cmd).await,
             Command::Vm(cmd) => vm_cmd::run(cmd).await,
+            Command::Bundle(cmd) => bundle_cmd::run(cmd).await,
             Command::Pool(cmd) => pool_cmd::run(cmd).await,
             Command::Openapi => {
                 print!("{}", paddock_gateway::openapi::document_json());

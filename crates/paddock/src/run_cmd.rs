@@ -120,6 +120,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<i32> {
             None => args.selector.as_deref().map(parse_selector).transpose()?,
         },
         shell: Some(shell),
+        bundle: None,
         sandbox: SandboxSpec {
             backend: args.backend.clone(),
             network_mode: args.network.as_deref().map(|n| {

@@ -73,6 +73,14 @@ impl Env {
                 ("RUNTIME_LOG_DIR", logs.to_str().unwrap()),
                 ("PADDOCK_AGENT_HOST_KILL_GRACE_MS", "200"),
                 ("PADDOCK_AGENT_SHUTDOWN_GRACE_SEC", "2"),
+                (
+                    "PADDOCK_AGENT_BUNDLE_CACHE",
+                    dir.path().join("bundle-cache").to_str().unwrap(),
+                ),
+                (
+                    "PADDOCK_OBJECT_STORE_URL",
+                    &format!("file://{}", dir.path().join("objects").display()),
+                ),
             ],
         )
         .await;
@@ -543,7 +551,269 @@ async fn instance_tokens_are_checked(db: Db) {
     );
 }
 
+/// Seed 001 end to end: push a node and a python bundle with the CLI (an identical re-push
+/// uploads nothing), spawn each on the caller's instance, read its output through the spawn
+/// status, release it; a bundle altered in the object store is refused with
+/// `BUNDLE_HASH_MISMATCH`.
+async fn bundles_push_spawn_and_refuse_a_tampered_object(db: Db) {
+    let Some(env) = Env::start(db, 500, 5).await else {
+        return;
+    };
+    let src = env.dir.path().join("src");
+    let node = src.join("node");
+    std::fs::create_dir_all(node.join("lib")).unwrap();
+    std::fs::write(
+        node.join("index.js"),
+        "const m = require('./lib/m.js'); console.log('node says ' + m.word + ' ' + process.argv.slice(2).join(','));\n",
+    )
+    .unwrap();
+    std::fs::write(node.join("lib/m.js"), "module.exports = { word: 'hi' };\n").unwrap();
+    let py = src.join("py");
+    std::fs::create_dir_all(&py).unwrap();
+    std::fs::write(
+        py.join("main.py"),
+        "import sys\nprint('python says', sys.argv[1:])\n",
+    )
+    .unwrap();
+
+    let push = |dir: PathBuf, wf: &'static str, runtime: &'static str, entry: &'static str| {
+        let env = &env;
+        async move {
+            let out = tokio::process::Command::new(BIN)
+                .args(["bundle", "push"])
+                .arg(&dir)
+                .args([
+                    "--workflow",
+                    wf,
+                    "--runtime",
+                    runtime,
+                    "--entrypoint",
+                    entry,
+                    "--json",
+                ])
+                .env("PADDOCK_API_URL", &env.org.url)
+                .env("PADDOCK_TOKEN", &env.org.token)
+                .env("PADDOCK_ORG_ID", &env.org.id)
+                .output()
+                .await
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            serde_json::from_slice::<Value>(&out.stdout).unwrap()
+        }
+    };
+    let first = push(node.clone(), "hello-node", "node", "index.js").await;
+    assert_eq!(first["uploaded"], true, "{first}");
+    assert_eq!(first["version"], 1);
+    let again = push(node.clone(), "hello-node", "node", "index.js").await;
+    assert_eq!(
+        again["uploaded"], false,
+        "identical tree, nothing uploaded: {again}"
+    );
+    assert_eq!(again["created"], false);
+    assert_eq!(again["digest"], first["digest"], "same tree, same digest");
+    let pyv = push(py.clone(), "hello-py", "python", "main.py").await;
+    assert_eq!(pyv["uploaded"], true);
+
+    // The internal spawn config (service token).
+    let cfg: Value = common::http()
+        .get(format!("{}/api/internal/spawn/hello-node", env.org.url))
+        .header("X-Service-Token", common::SERVICE_TOKEN)
+        .header("X-Org-Id", &env.org.id)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cfg["bundle_hash"], first["digest"], "{cfg}");
+    assert_eq!(cfg["runtime"], "node");
+    assert_eq!(cfg["entrypoint"], "index.js");
+    // `paddock bundle fetch` with that URL verifies and unpacks.
+    let dest = env.dir.path().join("fetched");
+    let f = tokio::process::Command::new(BIN)
+        .args(["bundle", "fetch"])
+        .arg(cfg["bundle_url"].as_str().unwrap())
+        .arg(cfg["bundle_hash"].as_str().unwrap())
+        .arg(&dest)
+        .arg("--cache-dir")
+        .arg(env.dir.path().join("cli-cache"))
+        .output()
+        .await
+        .unwrap();
+    assert!(f.status.success(), "{f:?}");
+    assert!(dest.join("lib/m.js").is_file());
+    let wrong = tokio::process::Command::new(BIN)
+        .args(["bundle", "fetch"])
+        .arg(cfg["bundle_url"].as_str().unwrap())
+        .arg("0".repeat(64))
+        .arg(env.dir.path().join("fetched-2"))
+        .arg("--cache-dir")
+        .arg(env.dir.path().join("cli-cache-2"))
+        .output()
+        .await
+        .unwrap();
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("BUNDLE_HASH_MISMATCH"),
+        "{wrong:?}"
+    );
+
+    let spawn = |body: Value| {
+        let env = &env;
+        async move {
+            let t0 = Instant::now();
+            loop {
+                let resp = common::http()
+                    .post(format!("{}/api/spawn", env.org.url))
+                    .bearer_auth(&env.org.token)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = resp.status().as_u16();
+                let v: Value = resp.json().await.unwrap();
+                if status == 202 {
+                    return v;
+                }
+                assert_eq!(
+                    (status, v["code"].as_str()),
+                    (503, Some("INSTANCE_NOT_READY")),
+                    "{v}"
+                );
+                assert!(t0.elapsed() < Duration::from_secs(30), "{v}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let wait_status = |vm: String| {
+        let env = &env;
+        async move {
+            let t0 = Instant::now();
+            loop {
+                let v: Value = common::http()
+                    .get(format!("{}/api/spawn/{vm}/status", env.org.url))
+                    .bearer_auth(&env.org.token)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                if matches!(
+                    v["status"].as_str(),
+                    Some("succeeded" | "failed" | "timed_out" | "canceled")
+                ) {
+                    return v;
+                }
+                assert!(
+                    t0.elapsed() < Duration::from_secs(60),
+                    "{v}\n{}",
+                    env.gw.log_text()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let s = spawn(json!({"workflow_id": "hello-node", "args": ["a", "b"]})).await;
+    let vm = s["vmId"].as_str().unwrap().to_string();
+    let done = wait_status(vm.clone()).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["exitCode"], 0);
+    assert_eq!(done["logs"], "node says hi a,b\n", "{done}");
+    assert_eq!(done["version"], 1);
+    let list: Value = common::http()
+        .get(format!("{}/api/spawn", env.org.url))
+        .bearer_auth(&env.org.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        list["spawns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["vmId"] == vm.as_str())
+    );
+    let del = common::http()
+        .delete(format!("{}/api/spawn/{vm}", env.org.url))
+        .bearer_auth(&env.org.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status().as_u16(), 200);
+    let list: Value = common::http()
+        .get(format!("{}/api/spawn", env.org.url))
+        .bearer_auth(&env.org.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        !list["spawns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["vmId"] == vm.as_str())
+    );
+
+    let s = spawn(json!({"workflow_id": "hello-py", "args": ["x"]})).await;
+    let done = wait_status(s["vmId"].as_str().unwrap().to_string()).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["logs"], "python says ['x']\n", "{done}");
+
+    // Tamper: a new bundle whose stored object is altered before any host fetched it.
+    std::fs::write(node.join("extra.txt"), "more").unwrap();
+    let v2 = push(node.clone(), "hello-node", "node", "index.js").await;
+    assert_eq!(v2["version"], 2, "{v2}");
+    let digest = v2["digest"].as_str().unwrap();
+    let object = walk_find(&env.dir.path().join("objects"), digest).expect("stored object");
+    let mut bytes = std::fs::read(&object).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&object, bytes).unwrap();
+    let s = spawn(json!({"workflow_id": "hello-node"})).await;
+    let done = wait_status(s["vmId"].as_str().unwrap().to_string()).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["errorCode"], "BUNDLE_HASH_MISMATCH", "{done}");
+    assert!(
+        std::fs::read_dir(env.dir.path().join("bundle-cache"))
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().contains(digest)),
+        "nothing of the tampered bundle is kept in the cache"
+    );
+    // Unknown workflow.
+    let missing = common::http()
+        .post(format!("{}/api/spawn", env.org.url))
+        .bearer_auth(&env.org.token)
+        .json(&json!({"workflow_id": "nope"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status().as_u16(), 404);
+}
+
+fn walk_find(dir: &Path, needle: &str) -> Option<PathBuf> {
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if let Some(f) = walk_find(&p, needle) {
+                return Some(f);
+            }
+        } else if p.file_name()?.to_string_lossy().contains(needle) {
+            return Some(p);
+        }
+    }
+    None
+}
+
 on_both_databases!(
+    bundles_push_spawn_and_refuse_a_tampered_object,
     chat_retries_until_the_instance_is_ready,
     max_attempts_then_failed_and_rebootstrap_revives,
     cooldown_holds_and_rebootstrap_bypasses_it,

@@ -34,7 +34,10 @@ pub(crate) struct VmStatus {
 
 /// Authenticates an API token for the seed's `/api/v1/vm/*` paths: the org is the token's
 /// (an `X-Org-Id` header, if sent, must match).
-async fn vm_principal(state: &AppState, headers: &HeaderMap) -> Result<ApiPrincipal, ApiError> {
+pub(crate) async fn vm_principal(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<ApiPrincipal, ApiError> {
     let token = crate::auth::bearer(headers)
         .ok_or_else(|| ApiError::unauthorized("missing `Authorization: Bearer <token>`"))?;
     let principal = state

@@ -2,9 +2,11 @@
 //! call the store; they never see a WebSocket.
 
 pub(crate) mod agents;
+pub(crate) mod bundles;
 pub(crate) mod instances;
 pub(crate) mod orgs;
 pub(crate) mod pools;
+pub(crate) mod spawn;
 pub(crate) mod system;
 pub(crate) mod tasks;
 
@@ -61,6 +63,18 @@ pub(crate) fn edge_routes(state: &AppState) -> Router<AppState> {
             "/v1/orgs/{org_id}/tasks/{task_id}/cancel",
             post(tasks::cancel),
         )
+        .route(
+            "/v1/orgs/{org_id}/bundles/{digest}",
+            get(bundles::get_bundle).put(bundles::put_bundle),
+        )
+        .route(
+            "/v1/orgs/{org_id}/workflows/{workflow_id}",
+            get(bundles::get_workflow),
+        )
+        .route(
+            "/v1/orgs/{org_id}/workflows/{workflow_id}/versions",
+            post(bundles::register_version),
+        )
         .route("/v1/orgs/{org_id}/pools", get(pools::list))
         .route(
             "/v1/orgs/{org_id}/pools/{name}",
@@ -99,6 +113,10 @@ pub(crate) fn edge_routes(state: &AppState) -> Router<AppState> {
     Router::new()
         .merge(org_scoped)
         .route("/api/v1/vm/status", get(instances::status))
+        .route("/v1/bundles/{digest}", get(bundles::download))
+        .route("/api/spawn", post(spawn::spawn).get(spawn::list))
+        .route("/api/spawn/{vm_id}/status", get(spawn::status))
+        .route("/api/spawn/{vm_id}", axum::routing::delete(spawn::release))
         .route("/api/v1/vm/rebootstrap", post(instances::rebootstrap))
         .route("/v1/whoami", get(orgs::whoami))
         .route("/v1/agents/pair", post(agents::pair))
@@ -111,6 +129,10 @@ pub(crate) fn internal_routes(state: &AppState) -> Router<AppState> {
     Router::new()
         .route("/v1/orgs", post(orgs::create_org))
         .route("/internal/v1/dispatch", post(tasks::internal_dispatch))
+        .route(
+            "/api/internal/spawn/{workflow_id}",
+            get(bundles::internal_spawn_config),
+        )
         .route(
             "/internal/v1/managed-executors/issue",
             post(agents::issue_managed),

@@ -43,7 +43,11 @@ fn validate(spec: &TaskSpec) -> Result<(), ApiError> {
     spec.validate().map_err(ApiError::invalid)
 }
 
-async fn insert(state: &AppState, org_id: &str, spec: TaskSpec) -> Result<String, ApiError> {
+pub(crate) async fn insert(
+    state: &AppState,
+    org_id: &str,
+    spec: TaskSpec,
+) -> Result<String, ApiError> {
     let queue_timeout = spec
         .queue_timeout_ms
         .map_or(state.cfg.queue_timeout, Duration::from_millis);
@@ -435,11 +439,7 @@ pub(crate) async fn cancel(
     Path((org_id, task_id)): Path<(String, String)>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     require_role(&principal, Role::Member)?;
-    match state
-        .store
-        .cancel_task(&org_id, &task_id, state.cfg.results_ttl_ms())
-        .await?
-    {
+    match request_cancel(&state, &org_id, &task_id).await? {
         None => {
             find_task(&state, &org_id, &task_id).await?;
             Err(ApiError::new(
@@ -448,35 +448,61 @@ pub(crate) async fn cancel(
                 "the task has already finished",
             ))
         }
+        Some(Cancellation::Done) => Ok((
+            StatusCode::OK,
+            Json(serde_json::json!({ "taskId": task_id, "state": "canceled" })),
+        )),
+        Some(Cancellation::Sent) => Ok((
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({ "taskId": task_id, "state": "canceling" })),
+        )),
+    }
+}
+
+/// What a cancel request did.
+pub(crate) enum Cancellation {
+    /// A queued task is canceled.
+    Done,
+    /// The running agent was told to stop.
+    Sent,
+}
+
+/// Cancels a task: a queued one at once, a running one through its agent (on whichever
+/// replica holds it). `None` when it had already finished (or does not exist).
+pub(crate) async fn request_cancel(
+    state: &AppState,
+    org_id: &str,
+    task_id: &str,
+) -> Result<Option<Cancellation>, ApiError> {
+    match state
+        .store
+        .cancel_task(org_id, task_id, state.cfg.results_ttl_ms())
+        .await?
+    {
+        None => Ok(None),
         Some((TaskState::Canceled, _, _)) => {
             bus::publish(
-                &state,
+                state,
                 BusEvent::TaskChanged {
-                    task: task_id.clone(),
+                    task: task_id.to_string(),
                 },
             )
             .await;
-            Ok((
-                StatusCode::OK,
-                Json(serde_json::json!({ "taskId": task_id, "state": "canceled" })),
-            ))
+            Ok(Some(Cancellation::Done))
         }
         Some((_, agent, attempt)) => {
             if let Some(agent) = agent {
                 bus::publish(
-                    &state,
+                    state,
                     BusEvent::Cancel {
                         agent,
-                        task: task_id.clone(),
+                        task: task_id.to_string(),
                         attempt,
                     },
                 )
                 .await;
             }
-            Ok((
-                StatusCode::ACCEPTED,
-                Json(serde_json::json!({ "taskId": task_id, "state": "canceling" })),
-            ))
+            Ok(Some(Cancellation::Sent))
         }
     }
 }

@@ -163,6 +163,7 @@ async fn spawn_gateway(
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("HOME", log.parent().unwrap())
+        .env("PADDOCK_DATA_DIR", log.parent().unwrap())
         .env("GATEWAY_HOST", "127.0.0.1")
         .env("GATEWAY_PORT", port.to_string())
         .env("DATABASE_URL", db_url)
