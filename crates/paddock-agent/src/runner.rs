@@ -60,6 +60,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Runner {
+    /// Waits until every backend has finished the background clean-up of past runs.
+    pub async fn settle(&self) {
+        for b in self.backends.values() {
+            b.settle().await;
+        }
+    }
+
     /// Keeps a fresh instance token for the next connection.
     pub fn set_renewed_token(&self, token: String) {
         *lock(&self.renewed_token) = Some(token);

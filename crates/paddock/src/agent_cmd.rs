@@ -469,7 +469,16 @@ async fn serve(
         }
     });
     tracing::info!(agent = %creds.agent_id, url = %creds.gateway_ws_url, "agent starting");
-    match paddock_agent::run(runner, &creds, shutdown).await {
+    let outcome = paddock_agent::run(runner.clone(), &creds, shutdown).await;
+    // Background clean-up of finished runs (cgroups, containers, bundles) completes before
+    // the process exits; bounded so a wedged runtime cannot hold the exit forever.
+    if tokio::time::timeout(Duration::from_secs(10), runner.settle())
+        .await
+        .is_err()
+    {
+        tracing::warn!("sandbox clean-up still running after 10 s; exiting anyway");
+    }
+    match outcome {
         Ok(()) => Ok(0),
         Err(e) => {
             eprintln!("error: {e:#}");
