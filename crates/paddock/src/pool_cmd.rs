@@ -22,26 +22,29 @@ use crate::client::ApiArgs;
 
 const EXAMPLES: &str = "\
 Examples:
-  # Keep 2 warm local agents for tasks with selector.tag=ci, at most 4, one task each:
+  # 2 warm local agents for tasks with selector.tag=ci, at most 4, one task each:
   paddock pool run --pool ci --labels ci --provider process --min 2 --max 4 \\
-      --status-out /var/lib/paddock/ci-status.json --inventory-out /var/lib/paddock/ci-inventory.json
+    --status-out /var/lib/paddock/ci-status.json \\
+    --inventory-out /var/lib/paddock/ci-inventory.json
 
   # Containers instead of processes (a local image; nothing is pulled):
-  paddock pool run --pool ci --labels ci --provider docker --docker-image debian:12-slim --min 1 --max 8
+  paddock pool run --pool ci --labels ci --provider docker \\
+    --docker-image debian:12-slim --min 1 --max 8
 
-  # Your own machines or VMs: commands get VM_INSTANCE_ID, VM_TOKEN, CONTROL_PLANE_WS ...
+  # Your own machines or VMs; the commands get VM_INSTANCE_ID, VM_TOKEN, CONTROL_PLANE_WS:
   paddock pool run --pool vms --labels vm --provider command --min 1 --max 3 \\
-      --create-cmd 'scripts/vm/bootstrap-local.sh' --destroy-cmd 'scripts/vm/stop-local.sh'
+    --create-cmd scripts/vm/bootstrap-local.sh --destroy-cmd scripts/vm/stop-local.sh
 
-  # Timer mode (systemd timer, cron): one pass, machine-readable status on stdout:
+  # Timer mode (systemd timer, cron): one pass, the status as JSON on stdout:
   paddock pool reconcile --pool ci --labels ci --provider process --min 2 --max 4 --json
 
   # What would happen, changing nothing:
-  paddock pool reconcile --pool ci --labels ci --provider process --min 2 --max 4 --target 3 --dry-run
+  paddock pool reconcile --pool ci --labels ci --provider process \\
+    --min 2 --max 4 --target 3 --dry-run
 
-Desired size = min(max, busy + queued + floor), never below min; floor = --target clamped
-into [min, max], else --min. Tasks reach the pool with selector.tag = one of --labels (or
-pool:<name>). See docs/pools.md.";
+Desired size = min(max, busy + queued + floor), never below min; floor = --target
+clamped into [min, max], else --min. Tasks reach the pool with selector.tag = one of
+--labels (or pool:<name>). See docs/pools.md.";
 
 /// `paddock pool ...`
 #[derive(Debug, Subcommand)]

@@ -18,6 +18,7 @@ on_both_databases!(
     burst_of_one_shot_tasks_with_a_supervisor_crash,
     dry_run_changes_nothing,
     orphans_are_removed_after_the_grace,
+    command_provider_runs_the_local_vm_scripts,
 );
 
 /// The environment marker the process provider sets on every instance process.
@@ -585,4 +586,136 @@ async fn orphans_are_removed_after_the_grace(db: Db) {
         .to_string();
     let procs = agent_processes(&state);
     assert_eq!(procs.keys().cloned().collect::<Vec<_>>(), vec![live]);
+}
+
+/// Live processes whose environment has `VM_INSTANCE_ID=<id>` (any provider).
+fn processes_of_instance(id: &str) -> Vec<i32> {
+    let needle = format!("VM_INSTANCE_ID={id}");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let state_char = stat[stat.rfind(')').unwrap() + 1..].trim().chars().next();
+        if matches!(state_char, Some('Z' | 'X')) {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if environ.split(|b| *b == 0).any(|v| v == needle.as_bytes()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// The command provider with the seed-000 scripts (`scripts/vm/bootstrap-local.sh` to
+/// create, `stop-local.sh` to destroy): one task on a fresh instance, which is then
+/// destroyed and replaced.
+async fn command_provider_runs_the_local_vm_scripts(db: Db) {
+    let Some((_gw, org, dir)) = setup(db).await else {
+        return;
+    };
+    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/vm");
+    let runtime = dir.path().join("runtime");
+    let pool = "vms";
+    let run = |min: &str, target: Option<&str>| {
+        let mut a = args(
+            pool,
+            &dir.path().join("state"),
+            &["--min", min, "--max", "1"],
+        );
+        a[5] = "command".into(); // --provider
+        a.extend([
+            "--create-cmd".to_string(),
+            scripts.join("bootstrap-local.sh").display().to_string(),
+            "--destroy-cmd".to_string(),
+            scripts.join("stop-local.sh").display().to_string(),
+        ]);
+        if let Some(t) = target {
+            a.extend(["--target".to_string(), t.to_string()]);
+        }
+        a
+    };
+    let reconcile_env = |a: Vec<String>| {
+        let org = org.clone();
+        let runtime = runtime.clone();
+        let home = dir.path().to_path_buf();
+        async move {
+            let out = Command::new(BIN)
+                .args(["pool", "reconcile"])
+                .args(&a)
+                .env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .env("HOME", &home)
+                .env("PADDOCK_API_URL", &org.url)
+                .env("PADDOCK_TOKEN", &org.token)
+                .env("PADDOCK_ORG_ID", &org.id)
+                .env("PADDOCK_BIN", BIN)
+                .env("RUNTIME_WORKDIR", &runtime)
+                .env("RUNTIME_LOG_DIR", &runtime)
+                .output()
+                .await
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{text}");
+            assert!(!text.contains(&org.token), "the API token leaked");
+        }
+    };
+    reconcile_env(run("1", None)).await;
+    let s = wait_pool(&org, pool, Duration::from_secs(60), "1 ready", |s| {
+        statuses(s) == ["ready"]
+    })
+    .await;
+    let first = s["instances"][0]["instanceId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(processes_of_instance(&first).len(), 1);
+    let task = org
+        .submit(json!({
+            "kind": "agent.execute",
+            "selector": {"tag": format!("{pool}-label")},
+            "shell": {"script": "echo on-a-vm"},
+        }))
+        .await;
+    let done = org.wait_done(&task, Duration::from_secs(60)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["agentId"], first.as_str());
+    wait_pool(&org, pool, Duration::from_secs(30), "drained", |s| {
+        statuses(s) == ["draining"]
+    })
+    .await;
+    // Destroyed through stop-local.sh, terminated, and replaced.
+    reconcile_env(run("1", None)).await;
+    let gone = all_instances(&org, pool)
+        .await
+        .into_iter()
+        .find(|i| i["instanceId"] == first.as_str())
+        .unwrap();
+    assert_eq!(gone["status"], "terminated", "{gone}");
+    assert!(processes_of_instance(&first).is_empty());
+    let s = wait_pool(&org, pool, Duration::from_secs(60), "replaced", |s| {
+        statuses(s) == ["ready"]
+    })
+    .await;
+    let second = s["instances"][0]["instanceId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(second, first);
+    // Scaled to zero: the last runtime stops too.
+    reconcile_env(run("0", Some("0"))).await;
+    assert!(processes_of_instance(&second).is_empty());
+    assert!(
+        pool_state(&org, pool).await["instances"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
 }
