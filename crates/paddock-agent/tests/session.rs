@@ -281,7 +281,10 @@ async fn hello_comes_first_and_declares_capabilities() {
     assert_eq!(hello.protocol, 1);
     assert_eq!(hello.protocol, PROTOCOL_VERSION);
     assert_eq!(hello.agent_version, env!("CARGO_PKG_VERSION"));
-    assert_eq!(hello.capabilities.kinds, vec!["agent.execute".to_string()]);
+    assert_eq!(
+        hello.capabilities.kinds,
+        vec!["agent.execute".to_string(), "bundle.run".to_string()]
+    );
     assert_eq!(
         hello.capabilities.backends.first().map(String::as_str),
         Some("host")

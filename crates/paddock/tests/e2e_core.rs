@@ -74,7 +74,10 @@ async fn pair_run_and_revoke(db: Db) {
         json!([]),
         "reported tags are not control-plane tags"
     );
-    assert_eq!(a["capabilities"]["kinds"], json!(["agent.execute"]));
+    assert_eq!(
+        a["capabilities"]["kinds"],
+        json!(["agent.execute", "bundle.run"])
+    );
     assert_eq!(a["capabilities"]["maxInFlight"], 10);
 
     // Submit-and-wait: output, exit code, env minimal.

@@ -88,8 +88,11 @@ async fn replicas_never_dispatch_one_attempt_twice() {
     let Some(url) = fresh_db(Db::Postgres, dir.path()).await else {
         return;
     };
-    let a = GatewayProc::start(&url, &[]).await;
-    let b = GatewayProc::start(&url, &[]).await;
+    // Leases long enough that a starved machine (CI runs many suites at once) cannot expire
+    // one while its agent is alive: this test is about claims, not about lease renewal.
+    let slow_leases = [("GATEWAY_LEASE_MS", "15000")];
+    let a = GatewayProc::start(&url, &slow_leases).await;
+    let b = GatewayProc::start(&url, &slow_leases).await;
     let org_a = a.create_org("acme").await;
     let org_b = Org {
         url: b.url.clone(),
