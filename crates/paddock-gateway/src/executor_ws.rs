@@ -22,6 +22,11 @@ use crate::bus::{self, BusEvent};
 use crate::error::ApiError;
 use crate::hub::{AgentHandle, Registration};
 
+/// Read buffer of one session. tungstenite allocates its default (128 KiB) eagerly per
+/// connection, 1.3 GiB for 10,000 idle agents; agent frames are small (larger ones are read
+/// in several chunks), so 8 KiB keeps an idle session cheap (issue 6 benchmark).
+const SESSION_READ_BUFFER: usize = 8 * 1024;
+
 /// How long an agent has to send `hello` after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Malformed frames tolerated in one session before it is closed.
@@ -40,6 +45,7 @@ pub(crate) async fn ws_executor(
     };
     let max = state.cfg.max_frame_bytes;
     ws.max_message_size(max.saturating_mul(2))
+        .read_buffer_size(SESSION_READ_BUFFER)
         .on_upgrade(move |socket| serve_socket(state, agent, socket))
 }
 
@@ -75,6 +81,7 @@ pub(crate) async fn ws_vm(
     };
     let max = state.cfg.max_frame_bytes;
     ws.max_message_size(max.saturating_mul(2))
+        .read_buffer_size(SESSION_READ_BUFFER)
         .on_upgrade(move |socket| serve_socket(state, agent, socket))
 }
 

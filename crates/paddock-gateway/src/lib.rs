@@ -154,6 +154,14 @@ impl Gateway {
         let state = self.state.clone();
         let shutdown = state.shutdown.clone();
         let app = app(state.clone());
+        // TCP_NODELAY on every accepted connection: without it, a small frame written while
+        // the previous one is unacknowledged (a `dispatch` right after a `result_ack`) waits
+        // for the peer's delayed ACK, 20-40 ms on Linux (issue 6 benchmark).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!("cannot set TCP_NODELAY: {e}");
+            }
+        });
         let server = axum::serve(listener, app).with_graceful_shutdown({
             let shutdown = shutdown.clone();
             async move {
