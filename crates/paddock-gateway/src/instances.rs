@@ -161,39 +161,22 @@ pub(crate) async fn rebootstrap(
         .store
         .ensure_user_instance(org_id, user_id, "command")
         .await?;
-    let cfg = &state.cfg.instances;
-    let decision = state
-        .store
-        .begin_bootstrap(
-            &inst.id,
-            now_ms(),
-            cfg.cooldown.as_millis() as u64,
-            cfg.max_attempts,
-            true,
-        )
-        .await?;
-    let fresh = state
-        .store
-        .find_instance(&inst.id)
-        .await?
-        .unwrap_or(inst.clone());
-    match decision {
-        BootstrapDecision::Triggered { attempt } => {
-            spawn_bootstrap(state, fresh.clone(), attempt, cmd, ticket);
-            instance_changed(state, &fresh).await;
-            Ok((fresh, true))
-        }
-        _ => Ok((fresh, false)),
-    }
+    let (decision, fresh) = begin(state, inst, cmd, ticket, true).await?;
+    Ok((
+        fresh,
+        matches!(decision, BootstrapDecision::Triggered { .. }),
+    ))
 }
 
-async fn trigger(
+/// Asks the store for a bootstrap and, if this caller won it, starts the command. Returns
+/// the decision and the instance as it is now.
+async fn begin(
     state: &AppState,
     inst: Instance,
     cmd: String,
     ticket: Option<String>,
     force: bool,
-) -> Result<Instance, ApiError> {
+) -> Result<(BootstrapDecision, Instance), ApiError> {
     let cfg = &state.cfg.instances;
     let decision = state
         .store
@@ -205,21 +188,29 @@ async fn trigger(
             force,
         )
         .await?;
-    let fresh = state
-        .store
-        .find_instance(&inst.id)
-        .await?
-        .unwrap_or(inst.clone());
+    let fresh = state.store.find_instance(&inst.id).await?.unwrap_or(inst);
+    if let BootstrapDecision::Triggered { attempt } = decision {
+        spawn_bootstrap(state, fresh.clone(), attempt, cmd, ticket);
+        instance_changed(state, &fresh).await;
+    }
+    Ok((decision, fresh))
+}
+
+async fn trigger(
+    state: &AppState,
+    inst: Instance,
+    cmd: String,
+    ticket: Option<String>,
+    force: bool,
+) -> Result<Instance, ApiError> {
+    let cfg = &state.cfg.instances;
+    let (decision, fresh) = begin(state, inst, cmd, ticket, force).await?;
     match decision {
         BootstrapDecision::Ready => Ok(fresh),
-        BootstrapDecision::Triggered { attempt } => {
-            spawn_bootstrap(state, fresh.clone(), attempt, cmd, ticket);
-            instance_changed(state, &fresh).await;
-            Err(not_ready(
-                &fresh,
-                POLL_MS.min(cfg.boot_timeout.as_millis() as u64),
-            ))
-        }
+        BootstrapDecision::Triggered { .. } => Err(not_ready(
+            &fresh,
+            POLL_MS.min(cfg.boot_timeout.as_millis() as u64),
+        )),
         BootstrapDecision::Wait { retry_after_ms } => {
             let retry = if fresh.status == InstanceStatus::Provisioning {
                 POLL_MS
