@@ -364,7 +364,9 @@ async fn dispatch_runs_reports_and_replays_until_acknowledged() {
     assert!(!res.stdout_truncated);
     assert!(res.started_at_ms <= res.finished_at_ms);
     log.push(AgentMessage::Result(res.clone()));
-    // The work directory is gone once the run is over.
+    // The work directory is gone once the run is over and its clean-up (in the background,
+    // after the result) has settled.
+    a.runner.settle().await;
     assert!(!a.runner.settings().workdir_root.join("t-echo-1").exists());
     gw.expect_silence(Duration::from_millis(200)).await;
 

@@ -64,13 +64,13 @@ enum Command {
 }
 
 fn main() {
-    // The sandbox init must stay single-threaded (it forks into new namespaces): dispatch it
-    // before argument parsing and before any runtime starts.
+    // The sandbox zygote must stay single-threaded (it forks each run's init into new
+    // namespaces): dispatch it before argument parsing and before any runtime starts.
     if std::env::args_os()
         .nth(1)
-        .is_some_and(|a| a == paddock_agent::sandbox::process::init::INIT_ARG)
+        .is_some_and(|a| a == paddock_agent::sandbox::process::zygote::ZYGOTE_ARG)
     {
-        paddock_agent::sandbox::process::init::init_main();
+        paddock_agent::sandbox::process::zygote::zygote_main();
     }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

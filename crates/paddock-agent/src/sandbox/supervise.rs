@@ -68,20 +68,41 @@ impl TaskIo {
         max_chars: usize,
         output: mpsc::Sender<OutputChunk>,
     ) -> TaskIo {
+        TaskIo::start_pipes(
+            child.stdin.take(),
+            child.stdout.take(),
+            child.stderr.take(),
+            stdin,
+            max_chars,
+            output,
+        )
+    }
+
+    /// [`TaskIo::start`] on pipes that were not made by a `Command` (the `process`
+    /// backend's zygote starts its runs itself).
+    pub(crate) fn start_pipes<W, R1, R2>(
+        stdin_pipe: Option<W>,
+        stdout: Option<R1>,
+        stderr: Option<R2>,
+        stdin: Option<String>,
+        max_chars: usize,
+        output: mpsc::Sender<OutputChunk>,
+    ) -> TaskIo
+    where
+        W: AsyncWrite + Unpin + Send + 'static,
+        R1: AsyncRead + Unpin + Send + 'static,
+        R2: AsyncRead + Unpin + Send + 'static,
+    {
         let stop = CancellationToken::new();
         let stop_on_drop = stop.clone().drop_guard();
-        let stdin = match (child.stdin.take(), stdin) {
+        let stdin = match (stdin_pipe, stdin) {
             (Some(pipe), Some(data)) => Some(spawn_stdin_writer(pipe, data, stop.clone())),
             _ => None,
         };
-        let stdout = child
-            .stdout
-            .take()
-            .map(|pipe| spawn_capture(pipe, Stream::Stdout, max_chars, &output, &stop));
-        let stderr = child
-            .stderr
-            .take()
-            .map(|pipe| spawn_capture(pipe, Stream::Stderr, max_chars, &output, &stop));
+        let stdout =
+            stdout.map(|pipe| spawn_capture(pipe, Stream::Stdout, max_chars, &output, &stop));
+        let stderr =
+            stderr.map(|pipe| spawn_capture(pipe, Stream::Stderr, max_chars, &output, &stop));
         TaskIo {
             stop,
             _stop_on_drop: stop_on_drop,
@@ -177,6 +198,23 @@ pub(crate) async fn drain_within<T>(
     }
 }
 
+/// A started process tree to supervise: its process group (led by the main process), the
+/// future of the main process's exit status, and its I/O already being captured.
+pub(crate) struct Started {
+    /// Process group id (the pid of the main process, which leads the group).
+    pub(crate) pgid: Pid,
+    /// Resolves when the main process exits. Polled again after a timeout, so boxed.
+    pub(crate) exit: ExitFuture,
+    /// The stdin writer and output readers.
+    pub(crate) io: TaskIo,
+    /// When it was started (ms since the epoch).
+    pub(crate) started_at_ms: i64,
+}
+
+/// The exit status of a started main process.
+pub(crate) type ExitFuture =
+    std::pin::Pin<Box<dyn Future<Output = io::Result<ExitStatus>> + Send + 'static>>;
+
 /// Runs a prepared command as the task's process group and supervises it: output capture
 /// with caps, the timeout, cancellation, SIGTERM then SIGKILL to the whole group, and the
 /// final kill of anything left in the group. `program` names the command in errors. The
@@ -197,20 +235,42 @@ pub(crate) async fn supervise(
     .stderr(Stdio::piped())
     .process_group(0)
     .kill_on_drop(true);
-    let program = program.to_string();
     let started_at_ms = now_ms();
     let mut child = cmd.spawn().map_err(|err| SandboxError::SpawnFailed {
-        program: program.clone(),
+        program: program.to_string(),
         reason: err.to_string(),
     })?;
     let Some(pgid) = child.id().and_then(|pid| i32::try_from(pid).ok()) else {
         // Only possible if the child was already reaped, which it cannot have been.
         return Err(SandboxError::SpawnFailed {
-            program: program.clone(),
+            program: program.to_string(),
             reason: "the started process has no pid".into(),
         });
     };
-    let pgid = Pid::from_raw(pgid);
+    let io = TaskIo::start(&mut child, req.stdin.clone(), req.output_max_chars, output);
+    let started = Started {
+        pgid: Pid::from_raw(pgid),
+        exit: Box::pin(async move { child.wait().await }),
+        io,
+        started_at_ms,
+    };
+    supervise_started(started, program, req, cancel).await
+}
+
+/// Supervises a process tree already started as its own process group (see [`supervise`]).
+/// Dropping the future SIGKILLs the group.
+pub(crate) async fn supervise_started(
+    started: Started,
+    program: &str,
+    req: RunRequest,
+    cancel: CancellationToken,
+) -> Result<RunOutcome, SandboxError> {
+    let Started {
+        pgid,
+        mut exit,
+        io,
+        started_at_ms,
+    } = started;
     let mut group = GroupGuard { pgid, armed: true };
     tracing::debug!(
         task_id = %req.task_id,
@@ -220,9 +280,7 @@ pub(crate) async fn supervise(
         "sandbox: process started"
     );
 
-    let io = TaskIo::start(&mut child, req.stdin, req.output_max_chars, output);
-
-    let (ending, exited) = Ending::race(child.wait(), req.timeout, &cancel).await;
+    let (ending, exited) = Ending::race(&mut exit, req.timeout, &cancel).await;
     let status = match exited {
         Some(status) => status,
         None => {
@@ -231,7 +289,7 @@ pub(crate) async fn supervise(
                 ending = ?ending,
                 "sandbox: terminating process group"
             );
-            terminate(&mut child, pgid, req.kill_grace).await
+            terminate(&mut exit, pgid, req.kill_grace).await
         }
     };
 
@@ -273,13 +331,13 @@ pub(crate) async fn supervise(
 
 /// SIGTERM to the group; waits up to `grace` for the main process and then for the rest
 /// of the group to exit; SIGKILL to the group. Returns the main process's exit status.
-async fn terminate(child: &mut Child, pgid: Pid, grace: Duration) -> io::Result<ExitStatus> {
+async fn terminate(exit: &mut ExitFuture, pgid: Pid, grace: Duration) -> io::Result<ExitStatus> {
     signal_group(pgid, Signal::SIGTERM);
     let now = Instant::now();
     let deadline = now
         .checked_add(grace)
         .unwrap_or(now + Duration::from_secs(86_400));
-    let status = tokio::time::timeout_at(deadline, child.wait()).await.ok();
+    let status = tokio::time::timeout_at(deadline, &mut *exit).await.ok();
     if status.is_some() {
         // The main process is gone; give the rest of the group what is left of the grace.
         while group_exists(pgid) && Instant::now() < deadline {
@@ -289,7 +347,7 @@ async fn terminate(child: &mut Child, pgid: Pid, grace: Duration) -> io::Result<
     signal_group(pgid, Signal::SIGKILL);
     match status {
         Some(status) => status,
-        None => child.wait().await,
+        None => exit.await,
     }
 }
 

@@ -1,8 +1,9 @@
-//! The sandbox init: `paddock __sandbox-init`, started by the agent for each `process` run.
+//! The sandbox init of each `process` run, forked by the zygote ([`super::zygote`]).
 //!
 //! Three processes, so that the task is confined and nothing outlives it:
-//! 1. the **waiter** (the process the agent started): joins the run's cgroups, creates the
-//!    new namespaces (mount, UTS, IPC, PID, and network when `networkMode` is `none`),
+//! 1. the **waiter** (the zygote's child, leader of the run's process group): joins the
+//!    run's cgroups, enters the zygote's spare namespaces and creates the other new
+//!    namespaces (mount, UTS, IPC, PID, and network when `networkMode` is `none`),
 //!    forwards SIGTERM/SIGINT/SIGHUP to PID 1, and exits like it;
 //! 2. **PID 1** of the new PID namespace: builds the root (a read-only view of the rootfs,
 //!    `/work` read-write, fresh `/tmp`, `/dev`, `/proc`), pivots into it, starts the task,
@@ -32,11 +33,6 @@ use serde::{Deserialize, Serialize};
 
 use super::super::policy::{self, RootEntry};
 
-/// First argument that makes the `paddock` binary run [`init_main`].
-pub const INIT_ARG: &str = "__sandbox-init";
-/// Environment variable carrying the [`InitSpec`] as JSON.
-pub const SPEC_ENV: &str = "PADDOCK_SANDBOX_SPEC";
-
 /// What the init needs, from the agent.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InitSpec {
@@ -64,18 +60,6 @@ pub struct InitSpec {
     pub status_file: PathBuf,
 }
 
-/// Entry point of `paddock __sandbox-init`. Never returns.
-pub fn init_main() -> ! {
-    let code = match waiter() {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("paddock sandbox: {e}");
-            125
-        }
-    };
-    std::process::exit(code)
-}
-
 fn forwarded() -> SigSet {
     let mut set = SigSet::empty();
     for s in [
@@ -94,9 +78,10 @@ fn status_line(file: &mut File, line: &str) {
     let _ = writeln!(file, "{line}");
 }
 
-fn waiter() -> Result<i32, String> {
-    let text = std::env::var(SPEC_ENV).map_err(|_| format!("{SPEC_ENV} is not set"))?;
-    let spec: InitSpec = serde_json::from_str(&text).map_err(|e| format!("bad {SPEC_ENV}: {e}"))?;
+/// The waiter's work for `spec`, in a single-threaded process that is already the leader of
+/// the run's process group. `entered` names the new namespaces this process has already
+/// joined (the zygote's spares); the others are created here.
+pub(super) fn run_waiter(spec: &InitSpec, entered: CloneFlags) -> Result<i32, String> {
     let mut status = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -120,6 +105,7 @@ fn waiter() -> Result<i32, String> {
     if spec.network_none {
         flags |= CloneFlags::CLONE_NEWNET;
     }
+    flags &= !entered;
     if let Err(e) = unshare(flags) {
         status_line(&mut status, &format!("setup unshare: {e}"));
         return Ok(125);
@@ -131,7 +117,7 @@ fn waiter() -> Result<i32, String> {
     // started any runtime), so the child may run arbitrary code after fork.
     match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
         ForkResult::Child => {
-            let code = pid1(&spec, &mut status);
+            let code = pid1(spec, &mut status);
             std::process::exit(code)
         }
         ForkResult::Parent { child } => loop {

@@ -1,8 +1,9 @@
 //! The `process` backend: a namespaced process sandbox with no external runtime.
 //!
 //! Per run: a cgroup with the memory, CPU and pids limits (`sandbox::cgroup`), then the sandbox
-//! init (`paddock __sandbox-init`, [`init`]) started under the same supervision as the host
-//! backend (process group, output caps, timeout, SIGTERM then SIGKILL). The init creates
+//! init ([`init`]), forked by the backend's long-lived zygote (`paddock __sandbox-zygote`,
+//! [`zygote`]) with fresh pipes for its stdio and supervised like the host backend's process
+//! group (output caps, timeout, SIGTERM then SIGKILL). The init creates
 //! mount, PID, IPC, UTS (and, for `networkMode: "none"`, network) namespaces, shows a
 //! read-only view of the root with `/work` writable and a private `/tmp`, drops to an
 //! unprivileged user, and applies rlimits, Landlock and seccomp ([`seccomp`]) before
@@ -15,18 +16,20 @@
 
 pub mod init;
 mod seccomp;
+pub mod zygote;
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use paddock_proto::{ErrorCode, NetworkMode, ResultStatus, SandboxSpec};
-use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::cgroup::{Cgroup, CgroupLayout, Counters, RunLayout};
 use super::cleanup::Cleanups;
 use super::policy;
-use super::supervise::supervise;
+use super::supervise::{Started, TaskIo, supervise_started};
 use super::{BoxFuture, OutputChunk, RunOutcome, RunRequest, Sandbox, SandboxError, safe_name};
 
 /// The `process` sandbox backend.
@@ -40,6 +43,9 @@ pub struct ProcessSandbox {
     new_root: PathBuf,
     /// Removal of the runs' cgroups and status files, in the background.
     cleanups: Cleanups,
+    /// The process that forks each run's init ([`zygote`]), started on the first run and
+    /// again if it dies.
+    zygote: std::sync::Mutex<Option<Arc<zygote::Zygote>>>,
 }
 
 impl ProcessSandbox {
@@ -47,7 +53,7 @@ impl ProcessSandbox {
     pub const NAME: &'static str = "process";
 
     /// Checks the host can run it: root (to create namespaces and mount), usable cgroups,
-    /// and the `paddock` executable that serves as the sandbox init. `scratch` holds the
+    /// and the `paddock` executable that serves as the sandbox zygote. `scratch` holds the
     /// runs' mount point (shared) and status files (one per run); what an earlier agent left
     /// there is removed.
     ///
@@ -85,6 +91,7 @@ impl ProcessSandbox {
             scratch,
             new_root,
             cleanups: Cleanups::default(),
+            zygote: std::sync::Mutex::new(None),
         })
     }
 }
@@ -181,6 +188,63 @@ fn sanitize(s: &str) -> String {
 }
 
 impl ProcessSandbox {
+    /// The running zygote, started when there is none or it died.
+    fn zygote(&self) -> Result<Arc<zygote::Zygote>, String> {
+        let mut slot = self
+            .zygote
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(z) = slot.as_ref().filter(|z| z.alive()) {
+            return Ok(z.clone());
+        }
+        let z = Arc::new(
+            zygote::Zygote::spawn(&self.init_exe)
+                .map_err(|e| format!("starting the sandbox zygote: {e}"))?,
+        );
+        *slot = Some(z.clone());
+        Ok(z)
+    }
+
+    /// Has the zygote start the run's init with fresh pipes for its stdio; returns it ready
+    /// to supervise.
+    async fn start(
+        &self,
+        spec: &init::InitSpec,
+        req: &RunRequest,
+        output: mpsc::Sender<OutputChunk>,
+    ) -> Result<Started, String> {
+        let pipe_err = |e: std::io::Error| format!("creating a pipe: {e}");
+        let (stdin_tx, stdin_fd): (_, OwnedFd) = if req.stdin.is_some() {
+            let (tx, rx) = tokio::net::unix::pipe::pipe().map_err(pipe_err)?;
+            (Some(tx), rx.into_blocking_fd().map_err(pipe_err)?)
+        } else {
+            let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+            (None, null.into())
+        };
+        let (out_tx, out_rx) = tokio::net::unix::pipe::pipe().map_err(pipe_err)?;
+        let (err_tx, err_rx) = tokio::net::unix::pipe::pipe().map_err(pipe_err)?;
+        let stdio = [
+            stdin_fd,
+            out_tx.into_blocking_fd().map_err(pipe_err)?,
+            err_tx.into_blocking_fd().map_err(pipe_err)?,
+        ];
+        let started_at_ms = paddock_proto::now_ms();
+        let run = self.zygote()?.start(spec, stdio).await?;
+        Ok(Started {
+            pgid: run.pid,
+            exit: Box::pin(zygote::exit_status(run.exit)),
+            io: TaskIo::start_pipes(
+                stdin_tx,
+                Some(out_rx),
+                Some(err_rx),
+                req.stdin.clone(),
+                req.output_max_chars,
+                output,
+            ),
+            started_at_ms,
+        })
+    }
+
     async fn run_process(
         &self,
         req: RunRequest,
@@ -230,13 +294,15 @@ impl ProcessSandbox {
             status_file: status_file.clone(),
         };
         guard.cgroup = Some(cg);
-        let json = serde_json::to_string(&spec).map_err(|e| SandboxError::Setup(e.to_string()))?;
-        let mut cmd = Command::new(&self.init_exe);
-        cmd.arg(init::INIT_ARG)
-            .env_clear()
-            .env(init::SPEC_ENV, json);
         let limits = req.limits;
-        let mut outcome = supervise(cmd, &program, req, output, cancel).await?;
+        let started =
+            self.start(&spec, &req, output)
+                .await
+                .map_err(|reason| SandboxError::SpawnFailed {
+                    program: program.clone(),
+                    reason,
+                })?;
+        let mut outcome = supervise_started(started, &program, req, cancel).await?;
 
         // Whatever is still in the cgroup goes; then read what happened. The cgroup and the
         // status file are removed in the background.
