@@ -8,8 +8,9 @@
 //! Contenders: {small ~100 KB, large ~20 MB bundle} x {`host`, `process` backend} x
 //! {cache hit (the bundle already in the agent's digest cache), cold (removed from the cache
 //! before each sample: fetched over loopback HTTP from a server in this process, verified
-//! while streaming, then unpacked)}. Round-robin (each round runs every contender once, so
-//! all see the same machine load), 2 warm-up rounds; median and p90.
+//! while streaming, then unpacked)}. Round-robin (each round runs every contender once, in
+//! a new shuffled order, so all see the same machine load and no contender always follows
+//! the same one), 2 warm-up rounds; median and p90.
 //!
 //! ```text
 //! bundle_start [--runs 20] [--dir /var/tmp] [--markdown]
@@ -301,8 +302,19 @@ async fn main() {
         .collect();
 
     let mut n = 0usize;
+    let mut order: Vec<usize> = (0..all.len()).collect();
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
     for round in 0..runs + WARMUP {
-        for (ci, c) in all.iter_mut().enumerate() {
+        // A new order each round (Fisher-Yates), so that no contender always follows the
+        // same one (a `process` run after a `host` run, a small unpack after a large one).
+        for i in (1..order.len()).rev() {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            order.swap(i, (rng % (i as u64 + 1)) as usize);
+        }
+        for &ci in &order {
+            let c = &mut all[ci];
             if c.error.is_some() {
                 continue;
             }
