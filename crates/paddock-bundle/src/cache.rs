@@ -14,6 +14,13 @@
 //! renamed into `sha256/`. The last access time is the bundle file's mtime, set by the cache
 //! on every hit; eviction removes the least recently used bundles until the total fits the
 //! cap (the bundle just inserted is never evicted, even when it alone is over the cap).
+//!
+//! Partial downloads count toward the cap. One is only ever written by the holder of its
+//! digest's lock, so a partial whose lock can be taken is an interrupted download: opening
+//! the cache and every eviction pass remove those older than
+//! [`CacheOptions::partial_max_age`] (default [`DEFAULT_PARTIAL_MAX_AGE`]), and eviction
+//! removes younger ones too, in the same LRU order as bundles (their mtime is their last
+//! write), when the cap needs it. A partial being written (its lock held) is never removed.
 //! Lookups return an open file, so eviction by another process cannot pull a bundle from
 //! under a reader. `flock` locks belong to open file descriptions, so two fetchers in one
 //! process exclude each other exactly as two processes do.
@@ -21,7 +28,7 @@
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::digest::{Digest, digest_reader};
 use crate::error::BundleError;
@@ -32,11 +39,32 @@ pub const DEFAULT_CACHE_DIR: &str = "/var/cache/paddock/bundles";
 /// The default cap on the cache's total size: 10 GiB.
 pub const DEFAULT_CACHE_MAX_BYTES: u64 = 10 << 30;
 
+/// How long an interrupted download is kept for resuming unless configured otherwise: 24 h.
+pub const DEFAULT_PARTIAL_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// The bounds of a [`BundleCache`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheOptions {
+    /// Cap on the total size of cached bundles and partial downloads, in bytes.
+    pub max_bytes: u64,
+    /// A partial download not written for this long, and not being written, is removed.
+    pub partial_max_age: Duration,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        CacheOptions {
+            max_bytes: DEFAULT_CACHE_MAX_BYTES,
+            partial_max_age: DEFAULT_PARTIAL_MAX_AGE,
+        }
+    }
+}
+
 /// A digest-addressed, size-capped bundle cache in a directory.
 #[derive(Debug, Clone)]
 pub struct BundleCache {
     dir: PathBuf,
-    max_bytes: u64,
+    opts: CacheOptions,
 }
 
 /// A verified bundle in the cache, opened for reading.
@@ -63,6 +91,17 @@ pub struct CacheEntry {
     pub last_access: SystemTime,
 }
 
+/// One partial download in the cache, as listed by [`BundleCache::partials`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartialEntry {
+    /// The digest being downloaded.
+    pub digest: Digest,
+    /// Bytes downloaded so far.
+    pub size: u64,
+    /// When it was last written.
+    pub modified: SystemTime,
+}
+
 /// A held per-digest lock (released on drop).
 #[derive(Debug)]
 pub(crate) struct DigestLock {
@@ -70,15 +109,30 @@ pub(crate) struct DigestLock {
 }
 
 impl BundleCache {
-    /// A cache in `dir` (created if missing) holding at most `max_bytes` of bundles.
+    /// A cache in `dir` (created if missing) holding at most `max_bytes` of bundles and
+    /// partial downloads, with the other options at their defaults.
     pub fn new(dir: impl Into<PathBuf>, max_bytes: u64) -> Result<Self, BundleError> {
+        Self::with_options(
+            dir,
+            CacheOptions {
+                max_bytes,
+                ..CacheOptions::default()
+            },
+        )
+    }
+
+    /// A cache in `dir` (created if missing) bounded by `opts`. Removes the stale partial
+    /// downloads it finds (see the module docs).
+    pub fn with_options(dir: impl Into<PathBuf>, opts: CacheOptions) -> Result<Self, BundleError> {
         let dir = dir.into();
         for sub in ["sha256", "partial", "locks"] {
             let p = dir.join(sub);
             fs::create_dir_all(&p)
                 .map_err(|e| BundleError::io(format!("create cache dir {}", p.display()), e))?;
         }
-        Ok(BundleCache { dir, max_bytes })
+        let cache = BundleCache { dir, opts };
+        cache.remove_stale_partials()?;
+        Ok(cache)
     }
 
     /// The cache directory.
@@ -88,7 +142,12 @@ impl BundleCache {
 
     /// The size cap in bytes.
     pub fn max_bytes(&self) -> u64 {
-        self.max_bytes
+        self.opts.max_bytes
+    }
+
+    /// The options the cache was opened with.
+    pub fn options(&self) -> CacheOptions {
+        self.opts
     }
 
     /// Where the complete bundle with this digest lives (whether or not it is there).
@@ -200,48 +259,166 @@ impl BundleCache {
         Ok(out)
     }
 
-    /// Total size of the cached bundles.
-    pub fn total_size(&self) -> Result<u64, BundleError> {
-        Ok(self.entries()?.iter().map(|e| e.size).sum())
+    /// Every partial download (in progress or interrupted), least recently written first.
+    pub fn partials(&self) -> Result<Vec<PartialEntry>, BundleError> {
+        let dir = self.dir.join("partial");
+        let mut out = Vec::new();
+        let rd = fs::read_dir(&dir)
+            .map_err(|e| BundleError::io(format!("list {}", dir.display()), e))?;
+        for entry in rd {
+            let entry = entry.map_err(|e| BundleError::io(format!("list {}", dir.display()), e))?;
+            let name = entry.file_name();
+            let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(".part")) else {
+                continue;
+            };
+            let Ok(digest) = hex.parse::<Digest>() else {
+                continue;
+            };
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(BundleError::io(format!("stat partial {hex}"), e)),
+            };
+            out.push(PartialEntry {
+                digest,
+                size: meta.len(),
+                modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            });
+        }
+        out.sort_by(|a, b| a.modified.cmp(&b.modified).then(a.digest.cmp(&b.digest)));
+        Ok(out)
     }
 
-    /// Removes least recently used bundles (never `keep`) until the total fits the cap;
-    /// returns the evicted digests. Holds the cache-wide eviction lock meanwhile.
+    /// Total size of what counts toward the cap: cached bundles and partial downloads.
+    pub fn total_size(&self) -> Result<u64, BundleError> {
+        let bundles: u64 = self.entries()?.iter().map(|e| e.size).sum();
+        let partials: u64 = self.partials()?.iter().map(|p| p.size).sum();
+        Ok(bundles + partials)
+    }
+
+    /// Removes the partial downloads older than the options' `partial_max_age` that nobody
+    /// is writing (their digest's lock is free); returns their digests.
+    pub fn remove_stale_partials(&self) -> Result<Vec<Digest>, BundleError> {
+        let now = SystemTime::now();
+        let is_stale = |modified: SystemTime| {
+            now.duration_since(modified).unwrap_or_default() >= self.opts.partial_max_age
+        };
+        let mut removed = Vec::new();
+        for p in self.partials()? {
+            if !is_stale(p.modified) {
+                continue;
+            }
+            if self.remove_partial_if(&p.digest, is_stale)? {
+                tracing::debug!(digest = %p.digest, size = p.size, "removed stale partial download");
+                removed.push(p.digest);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes the partial download of `digest` if its lock is free and, checked under the
+    /// lock, its mtime passes `cond`. Whether it was removed.
+    fn remove_partial_if(
+        &self,
+        digest: &Digest,
+        cond: impl Fn(SystemTime) -> bool,
+    ) -> Result<bool, BundleError> {
+        // Held by a fetch: it is being written (or about to be resumed).
+        let Some(_lock) = self.try_lock_digest(digest)? else {
+            return Ok(false);
+        };
+        let path = self.partial_path(digest);
+        let modified = match fs::metadata(&path) {
+            Ok(m) => m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(BundleError::io(format!("stat {}", path.display()), e)),
+        };
+        // Written since it was listed: a fetch came and went.
+        if !cond(modified) {
+            return Ok(false);
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(BundleError::io(format!("remove {}", path.display()), e)),
+        }
+    }
+
+    /// Removes stale partial downloads, then least recently used bundles (never `keep`) and
+    /// partial downloads nobody is writing, until the total fits the cap; returns the
+    /// evicted bundles' digests. Holds the cache-wide eviction lock meanwhile.
     pub fn evict(&self, keep: Option<&Digest>) -> Result<Vec<Digest>, BundleError> {
         let lock_path = self.dir.join("evict.lock");
         let lock = open_lock_file(&lock_path)?;
         lock.lock()
             .map_err(|e| BundleError::io(format!("lock {}", lock_path.display()), e))?;
-        let entries = self.entries()?;
-        let mut total: u64 = entries.iter().map(|e| e.size).sum();
+        self.remove_stale_partials()?;
+        let bundles = self.entries()?;
+        let partials = self.partials()?;
+        let mut total: u64 = bundles.iter().map(|e| e.size).sum::<u64>()
+            + partials.iter().map(|p| p.size).sum::<u64>();
+        // One LRU order over both: a bundle's last use, a partial's last write.
+        let mut candidates: Vec<(SystemTime, Digest, u64, bool)> = bundles
+            .iter()
+            .map(|e| (e.last_access, e.digest, e.size, false))
+            .chain(
+                partials
+                    .iter()
+                    .map(|p| (p.modified, p.digest, p.size, true)),
+            )
+            .collect();
+        candidates.sort();
         let mut evicted = Vec::new();
-        for e in entries {
-            if total <= self.max_bytes {
+        for (_, digest, size, is_partial) in candidates {
+            if total <= self.opts.max_bytes {
                 break;
             }
-            if Some(&e.digest) == keep {
+            if is_partial {
+                if self.remove_partial_if(&digest, |_| true)? {
+                    tracing::debug!(%digest, size, "evicted partial download from cache");
+                    total = total.saturating_sub(size);
+                }
                 continue;
             }
-            match fs::remove_file(self.path_of(&e.digest)) {
+            if Some(&digest) == keep {
+                continue;
+            }
+            match fs::remove_file(self.path_of(&digest)) {
                 Ok(()) => {}
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {}
                 Err(err) => {
-                    return Err(BundleError::io(format!("evict {}", e.digest), err));
+                    return Err(BundleError::io(format!("evict {digest}"), err));
                 }
             }
-            tracing::debug!(digest = %e.digest, size = e.size, "evicted bundle from cache");
-            total = total.saturating_sub(e.size);
-            evicted.push(e.digest);
+            tracing::debug!(%digest, size, "evicted bundle from cache");
+            total = total.saturating_sub(size);
+            evicted.push(digest);
         }
         Ok(evicted)
     }
 
+    fn lock_path(&self, digest: &Digest) -> PathBuf {
+        self.dir
+            .join("locks")
+            .join(format!("{}.lock", digest.to_hex()))
+    }
+
+    /// Takes the per-digest lock if nobody holds it; `None` when someone does.
+    fn try_lock_digest(&self, digest: &Digest) -> Result<Option<DigestLock>, BundleError> {
+        let path = self.lock_path(digest);
+        let file = open_lock_file(&path)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(DigestLock { _file: file })),
+            Err(fs::TryLockError::WouldBlock) => Ok(None),
+            Err(fs::TryLockError::Error(e)) => {
+                Err(BundleError::io(format!("lock {}", path.display()), e))
+            }
+        }
+    }
+
     /// Takes the per-digest lock (waits for another holder, in this or another process).
     pub(crate) async fn lock_digest(&self, digest: &Digest) -> Result<DigestLock, BundleError> {
-        let path = self
-            .dir
-            .join("locks")
-            .join(format!("{}.lock", digest.to_hex()));
+        let path = self.lock_path(digest);
         let file = open_lock_file(&path)?;
         let file = match file.try_lock() {
             Ok(()) => file,
@@ -283,4 +460,107 @@ fn open_lock_file(path: &Path) -> Result<File, BundleError> {
         .write(true)
         .open(path)
         .map_err(|e| BundleError::io(format!("open lock {}", path.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn digest(n: u8) -> Digest {
+        Digest::of(&[n])
+    }
+
+    /// Writes `len` bytes as `path`, last modified `age` ago.
+    fn write_aged(path: &Path, len: usize, age: Duration) {
+        fs::write(path, vec![7u8; len]).unwrap();
+        let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.set_modified(SystemTime::now() - age).unwrap();
+    }
+
+    /// Holds `digest`'s lock the way a fetch writing its partial does (another open file
+    /// description, as another process would).
+    fn hold_lock(cache: &BundleCache, digest: &Digest) -> File {
+        let f = open_lock_file(&cache.lock_path(digest)).unwrap();
+        f.lock().unwrap();
+        f
+    }
+
+    #[test]
+    fn opening_removes_old_unlocked_partials_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BundleCache::new(dir.path(), 1 << 30).unwrap();
+        let (old, fresh, locked) = (digest(1), digest(2), digest(3));
+        write_aged(&cache.partial_path(&old), 100, 25 * HOUR);
+        write_aged(&cache.partial_path(&fresh), 100, HOUR);
+        write_aged(&cache.partial_path(&locked), 100, 48 * HOUR);
+        let _writer = hold_lock(&cache, &locked);
+
+        let reopened = BundleCache::new(dir.path(), 1 << 30).unwrap();
+        assert_eq!(reopened.options().partial_max_age, DEFAULT_PARTIAL_MAX_AGE);
+        assert!(!cache.partial_path(&old).exists(), "old, unlocked: removed");
+        assert!(
+            cache.partial_path(&fresh).exists(),
+            "fresh: kept for resuming"
+        );
+        assert!(
+            cache.partial_path(&locked).exists(),
+            "being written: never removed"
+        );
+        let left: Vec<Digest> = reopened
+            .partials()
+            .unwrap()
+            .iter()
+            .map(|p| p.digest)
+            .collect();
+        assert_eq!(left, vec![locked, fresh], "least recently written first");
+    }
+
+    #[test]
+    fn the_max_age_is_an_option_and_eviction_applies_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = CacheOptions {
+            max_bytes: 1 << 30,
+            partial_max_age: Duration::from_secs(60),
+        };
+        let cache = BundleCache::with_options(dir.path(), opts).unwrap();
+        let (old, fresh) = (digest(1), digest(2));
+        write_aged(&cache.partial_path(&old), 10, Duration::from_secs(120));
+        write_aged(&cache.partial_path(&fresh), 10, Duration::from_secs(5));
+        // The eviction pass (after every insert) sweeps too, without reopening.
+        assert_eq!(cache.evict(None).unwrap(), Vec::<Digest>::new());
+        assert!(!cache.partial_path(&old).exists());
+        assert!(cache.partial_path(&fresh).exists());
+        assert_eq!(cache.remove_stale_partials().unwrap(), Vec::<Digest>::new());
+    }
+
+    #[test]
+    fn partials_count_toward_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BundleCache::new(dir.path(), 3000).unwrap();
+        let (bundle, writing, interrupted) = (digest(1), digest(2), digest(3));
+        write_aged(&cache.path_of(&bundle), 2000, HOUR);
+        write_aged(&cache.partial_path(&writing), 1500, 3 * HOUR);
+        let _writer = hold_lock(&cache, &writing);
+        assert_eq!(cache.total_size().unwrap(), 3500);
+
+        // Over the cap with the partial being written: it stays, the bundle goes (though
+        // the partial is older).
+        assert_eq!(cache.evict(None).unwrap(), vec![bundle]);
+        assert!(cache.partial_path(&writing).exists());
+        assert_eq!(cache.total_size().unwrap(), 1500);
+
+        // An interrupted partial, written before the bundle was last used, goes first.
+        write_aged(&cache.path_of(&bundle), 1000, HOUR);
+        write_aged(&cache.partial_path(&interrupted), 1000, 2 * HOUR);
+        assert_eq!(cache.total_size().unwrap(), 3500);
+        assert_eq!(cache.evict(None).unwrap(), Vec::<Digest>::new());
+        assert!(!cache.partial_path(&interrupted).exists());
+        assert!(cache.contains(&bundle));
+        assert!(cache.partial_path(&writing).exists());
+        assert_eq!(cache.total_size().unwrap(), 2500);
+    }
 }

@@ -30,7 +30,8 @@ mod tree_path;
 pub mod unpack;
 
 pub use cache::{
-    BundleCache, CacheEntry, CachedBundle, DEFAULT_CACHE_DIR, DEFAULT_CACHE_MAX_BYTES,
+    BundleCache, CacheEntry, CacheOptions, CachedBundle, DEFAULT_CACHE_DIR,
+    DEFAULT_CACHE_MAX_BYTES, DEFAULT_PARTIAL_MAX_AGE, PartialEntry,
 };
 pub use digest::Digest;
 pub use error::BundleError;

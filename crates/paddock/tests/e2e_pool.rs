@@ -1,5 +1,6 @@
 //! End-to-end: the warm-pool supervisor (`paddock pool run|reconcile`, process provider)
-//! against the real gateway, on SQLite and on PostgreSQL.
+//! against the real gateway, on SQLite and on PostgreSQL; `POST /api/spawn` on a warm
+//! one-shot pool instance.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -19,6 +20,7 @@ on_both_databases!(
     dry_run_changes_nothing,
     orphans_are_removed_after_the_grace,
     command_provider_runs_the_local_vm_scripts,
+    spawn_runs_on_a_warm_one_shot_pool_instance,
 );
 
 /// The environment marker the process provider sets on every instance process.
@@ -89,6 +91,11 @@ struct Supervisor {
 
 impl Supervisor {
     fn start(org: &Org, args: &[String], log: &Path) -> Supervisor {
+        Self::start_with_env(org, args, log, &[])
+    }
+
+    /// With extra environment (`PADDOCK_AGENT_*` reaches the instances).
+    fn start_with_env(org: &Org, args: &[String], log: &Path, env: &[(&str, &str)]) -> Supervisor {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -104,6 +111,7 @@ impl Supervisor {
             .env("PADDOCK_TOKEN", &org.token)
             .env("PADDOCK_ORG_ID", &org.id)
             .env("PADDOCK_AGENT_SHUTDOWN_GRACE_SEC", "5")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
             .kill_on_drop(true)
@@ -718,4 +726,368 @@ async fn command_provider_runs_the_local_vm_scripts(db: Db) {
             .unwrap()
             .is_empty()
     );
+}
+
+/// `paddock bundle push` of `dir` as `workflow` (shell runtime, entrypoint `main.sh`) for `org`.
+async fn push_shell_bundle(org: &Org, dir: &Path, workflow: &str) -> Value {
+    let out = Command::new(BIN)
+        .args(["bundle", "push"])
+        .arg(dir)
+        .args(["--workflow", workflow, "--runtime", "shell"])
+        .args(["--entrypoint", "main.sh", "--json"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", dir)
+        .env("PADDOCK_API_URL", &org.url)
+        .env("PADDOCK_TOKEN", &org.token)
+        .env("PADDOCK_ORG_ID", &org.id)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A spawn route called with `org`'s token (no `X-Org-Id` unless given).
+async fn spawn_call(
+    org: &Org,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+    org_header: Option<&str>,
+) -> Answer {
+    let mut b = http()
+        .request(method, format!("{}{path}", org.url))
+        .bearer_auth(&org.token);
+    if let Some(h) = org_header {
+        b = b.header("X-Org-Id", h);
+    }
+    if let Some(body) = body {
+        b = b.json(&body);
+    }
+    let resp = b.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    Answer {
+        status,
+        body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    }
+}
+
+/// Polls a spawn's status until its run is finished.
+async fn wait_spawn_done(org: &Org, vm: &str, sup: &Supervisor) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let a = spawn_call(
+            org,
+            reqwest::Method::GET,
+            &format!("/api/spawn/{vm}/status"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(a.status, 200, "{a:?}");
+        if matches!(
+            a.body["status"].as_str(),
+            Some("succeeded" | "failed" | "timed_out" | "canceled")
+        ) {
+            return a.body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spawn {vm} not finished: {}\n{}",
+            a.body,
+            sup.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn active_spawns(list: &Answer) -> Vec<String> {
+    assert_eq!(list.status, 200, "{list:?}");
+    list.body["spawns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["vmId"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Seed 001 on a warm pool: a one-shot pool (`--max-use 1`, min 1, max 1, labelled `spawn`)
+/// keeps one ready instance; `POST /api/spawn` naming the pool runs a shell bundle on that
+/// instance (no bootstrap command is configured, so the caller's-instance path could not
+/// have served it); `DELETE` releases the spawn, the used instance is destroyed and
+/// terminated, and the pool refills with a new one, which then serves a spawn naming no
+/// pool (the org's pool labelled `spawn`). Another org naming the pool gets
+/// `404 NOT_FOUND`, and its token with this org's `X-Org-Id` `403 ORG_MISMATCH`. A spawn
+/// released mid-run is canceled and its instance destroyed as well.
+async fn spawn_runs_on_a_warm_one_shot_pool_instance(db: Db) {
+    let Some((gw, org, dir)) = setup(db).await else {
+        return;
+    };
+    let state = dir.path().join("state");
+    let _reaper = Reaper(state.clone());
+    let pool = "warm";
+    let mut sup_args = args(
+        pool,
+        &state,
+        &[
+            "--min",
+            "1",
+            "--max",
+            "1",
+            "--max-use",
+            "1",
+            "--interval",
+            "1s",
+            "--boot-deadline",
+            "30s",
+            "--kill-grace",
+            "5s",
+        ],
+    );
+    sup_args[3] = "spawn".into(); // --labels
+    let cache = dir.path().join("bundle-cache");
+    let sup = Supervisor::start_with_env(
+        &org,
+        &sup_args,
+        &dir.path().join("supervisor.log"),
+        &[("PADDOCK_AGENT_BUNDLE_CACHE", cache.to_str().unwrap())],
+    );
+    let s = wait_pool(&org, pool, Duration::from_secs(60), "1 ready", |s| {
+        statuses(s) == ["ready"]
+    })
+    .await;
+    let first = s["instances"][0]["instanceId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(s["pool"]["maxUse"], 1, "{s}");
+
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("main.sh"), "echo \"shell says $*\"\n").unwrap();
+    let pushed = push_shell_bundle(&org, &src, "hello-sh").await;
+    assert_eq!(pushed["version"], 1, "{pushed}");
+
+    // 1. Naming the pool: the run happens on its warm instance.
+    let a = spawn_call(
+        &org,
+        reqwest::Method::POST,
+        "/api/spawn",
+        Some(json!({"workflow_id": "hello-sh", "pool": pool, "args": ["warm"]})),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 202, "{a:?}");
+    let vm = a.body["vmId"].as_str().unwrap().to_string();
+    let done = wait_spawn_done(&org, &vm, &sup).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["exitCode"], 0, "{done}");
+    assert_eq!(done["logs"], "shell says warm\n", "{done}");
+    assert_eq!(
+        done["instanceId"],
+        first.as_str(),
+        "ran on the warm instance"
+    );
+    let members: BTreeSet<String> = all_instances(&org, pool)
+        .await
+        .iter()
+        .map(|i| i["instanceId"].as_str().unwrap().to_string())
+        .collect();
+    assert!(members.contains(&first), "{members:?}");
+    let task = org.task(done["taskId"].as_str().unwrap()).await;
+    assert_eq!(task["kind"], "bundle.run", "{task}");
+    assert_eq!(task["agentId"], first.as_str(), "{task}");
+    // The bundle went through the instance's digest cache.
+    let cached = cache.join("sha256").join(format!(
+        "{}.tar.zst",
+        pushed["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:")
+    ));
+    assert!(cached.is_file(), "{} not cached", cached.display());
+
+    // 2. Listed, then released: the one-shot instance is destroyed and terminated, and
+    //    the pool refills.
+    let list = spawn_call(&org, reqwest::Method::GET, "/api/spawn", None, None).await;
+    assert!(active_spawns(&list).contains(&vm), "{list:?}");
+    let del = spawn_call(
+        &org,
+        reqwest::Method::DELETE,
+        &format!("/api/spawn/{vm}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(del.status, 200, "{del:?}");
+    assert_eq!(del.body["status"], "released", "{del:?}");
+    let list = spawn_call(&org, reqwest::Method::GET, "/api/spawn", None, None).await;
+    assert!(!active_spawns(&list).contains(&vm), "{list:?}");
+    let s = wait_pool(&org, pool, Duration::from_secs(60), "refilled", |s| {
+        statuses(s) == ["ready"] && s["instances"][0]["instanceId"] != first.as_str()
+    })
+    .await;
+    let second = s["instances"][0]["instanceId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let gone = all_instances(&org, pool)
+        .await
+        .into_iter()
+        .find(|i| i["instanceId"] == first.as_str())
+        .unwrap();
+    assert_eq!(gone["status"], "terminated", "{gone}");
+    assert_eq!(gone["uses"], 1, "{gone}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while agent_processes(&state).contains_key(&first) {
+        assert!(
+            Instant::now() < deadline,
+            "the used instance's process is alive"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // 3. Another org's pool of that name does not exist for it, whatever its workflows.
+    let other = gw.create_org("other").await;
+    push_shell_bundle(&other, &src, "hello-sh").await;
+    let refused = spawn_call(
+        &other,
+        reqwest::Method::POST,
+        "/api/spawn",
+        Some(json!({"workflow_id": "hello-sh", "pool": pool})),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (refused.status, refused.code()),
+        (404, "NOT_FOUND"),
+        "{refused:?}"
+    );
+    let mismatch = spawn_call(
+        &other,
+        reqwest::Method::POST,
+        "/api/spawn",
+        Some(json!({"workflow_id": "hello-sh", "pool": pool})),
+        Some(&org.id),
+    )
+    .await;
+    assert_eq!(
+        (mismatch.status, mismatch.code()),
+        (403, "ORG_MISMATCH"),
+        "{mismatch:?}"
+    );
+    let theirs = spawn_call(&other, reqwest::Method::GET, "/api/spawn", None, None).await;
+    assert!(active_spawns(&theirs).is_empty(), "{theirs:?}");
+    let peek = spawn_call(
+        &other,
+        reqwest::Method::GET,
+        &format!("/api/spawn/{vm}/status"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!((peek.status, peek.code()), (404, "NOT_FOUND"), "{peek:?}");
+    let s = pool_state(&org, pool).await;
+    assert_eq!(statuses(&s), ["ready"], "nothing was sent to the pool: {s}");
+    assert_eq!(s["instances"][0]["uses"], 0, "{s}");
+
+    // 4. Naming no pool: the org's pool labelled `spawn` serves it, on the new instance.
+    let a = spawn_call(
+        &org,
+        reqwest::Method::POST,
+        "/api/spawn",
+        Some(json!({"workflow_id": "hello-sh", "args": ["again"]})),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 202, "{a:?}");
+    let vm2 = a.body["vmId"].as_str().unwrap().to_string();
+    let done = wait_spawn_done(&org, &vm2, &sup).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["logs"], "shell says again\n", "{done}");
+    assert_eq!(done["instanceId"], second.as_str(), "{done}");
+
+    // 5. Released mid-run: the run is canceled and its one-shot instance destroyed too.
+    let s = wait_pool(&org, pool, Duration::from_secs(60), "refilled again", |s| {
+        statuses(s) == ["ready"] && s["instances"][0]["instanceId"] != second.as_str()
+    })
+    .await;
+    let third = s["instances"][0]["instanceId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let slow = dir.path().join("slow");
+    std::fs::create_dir_all(&slow).unwrap();
+    std::fs::write(slow.join("main.sh"), "echo started; sleep 60\n").unwrap();
+    push_shell_bundle(&org, &slow, "slow").await;
+    let a = spawn_call(
+        &org,
+        reqwest::Method::POST,
+        "/api/spawn",
+        Some(json!({"workflow_id": "slow"})),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 202, "{a:?}");
+    let vm3 = a.body["vmId"].as_str().unwrap().to_string();
+    let task3 = a.body["taskId"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = spawn_call(
+            &org,
+            reqwest::Method::GET,
+            &format!("/api/spawn/{vm3}/status"),
+            None,
+            None,
+        )
+        .await;
+        if st.body["status"] == "running" && st.body["logs"] == "started\n" {
+            assert_eq!(st.body["instanceId"], third.as_str(), "{st:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never running: {st:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let t0 = Instant::now();
+    let del = spawn_call(
+        &org,
+        reqwest::Method::DELETE,
+        &format!("/api/spawn/{vm3}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (del.status, &del.body["status"]),
+        (200, &json!("released")),
+        "{del:?}"
+    );
+    let t = org.wait_done(&task3, Duration::from_secs(30)).await;
+    assert_eq!(t["state"], "canceled", "{t}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "the run was not stopped"
+    );
+    wait_pool(
+        &org,
+        pool,
+        Duration::from_secs(60),
+        "refilled a third time",
+        |s| statuses(s) == ["ready"] && s["instances"][0]["instanceId"] != third.as_str(),
+    )
+    .await;
+    let gone = all_instances(&org, pool)
+        .await
+        .into_iter()
+        .find(|i| i["instanceId"] == third.as_str())
+        .unwrap();
+    assert_eq!(gone["status"], "terminated", "{gone}");
+    assert!(!agent_processes(&state).contains_key(&third));
+
+    for text in [sup.log_text(), gw.log_text()] {
+        assert!(!text.contains(&org.token), "the API token leaked");
+        assert!(!text.contains(&other.token), "the API token leaked");
+    }
 }
