@@ -74,15 +74,23 @@ struct Envelope {
     event: BusEvent,
 }
 
-/// Per-task wake-ups for long-polls and streams.
+/// Per-task wake-ups for long-polls and streams: [`Waiters::subscribe`] for every change
+/// (dispatch, start, output, end: the event stream), [`Waiters::subscribe_changes`] for
+/// state changes published on the bus (`TaskChanged`: a result stored, a cancel, a reap),
+/// which is all a submit-and-wait needs, so it does not re-read the task on every chunk.
 #[derive(Debug, Default)]
 pub struct Waiters {
+    all: Registry,
+    changes: Registry,
+}
+
+#[derive(Debug, Default)]
+struct Registry {
     map: Mutex<HashMap<String, Weak<Notify>>>,
 }
 
-impl Waiters {
-    /// A notifier for a task; hold it while waiting.
-    pub fn subscribe(&self, task_id: &str) -> Arc<Notify> {
+impl Registry {
+    fn subscribe(&self, task_id: &str) -> Arc<Notify> {
         let mut map = self
             .map
             .lock()
@@ -98,8 +106,7 @@ impl Waiters {
         n
     }
 
-    /// Wakes everyone waiting on a task.
-    pub fn notify(&self, task_id: &str) {
+    fn notify(&self, task_id: &str) {
         let map = self
             .map
             .lock()
@@ -107,6 +114,29 @@ impl Waiters {
         if let Some(n) = map.get(task_id).and_then(Weak::upgrade) {
             n.notify_waiters();
         }
+    }
+}
+
+impl Waiters {
+    /// A notifier for every change of a task; hold it while waiting.
+    pub fn subscribe(&self, task_id: &str) -> Arc<Notify> {
+        self.all.subscribe(task_id)
+    }
+
+    /// A notifier for a task's state changes published on the bus; hold it while waiting.
+    pub fn subscribe_changes(&self, task_id: &str) -> Arc<Notify> {
+        self.changes.subscribe(task_id)
+    }
+
+    /// Progress of a task (dispatched, started, output): wakes [`Waiters::subscribe`]rs.
+    pub fn notify(&self, task_id: &str) {
+        self.all.notify(task_id);
+    }
+
+    /// A state change (`TaskChanged`): wakes every subscriber.
+    pub fn notify_changed(&self, task_id: &str) {
+        self.all.notify(task_id);
+        self.changes.notify(task_id);
     }
 }
 
@@ -126,7 +156,7 @@ pub(crate) fn apply_local(state: &AppState, event: &BusEvent) {
                 pool: pool.clone(),
             });
         }
-        BusEvent::TaskChanged { task } => state.waiters.notify(task),
+        BusEvent::TaskChanged { task } => state.waiters.notify_changed(task),
         BusEvent::AgentRevoked { agent } => {
             if let Some(h) = state.hub.get(agent) {
                 h.close_with(

@@ -103,6 +103,7 @@ async fn claim_for(
         )
         .await;
     }
+    let mut sent = Vec::with_capacity(claimed.len());
     for task in claimed {
         handle.add_in_flight(&task.id, task.attempt);
         let msg = GatewayMessage::Dispatch(Box::new(Dispatch {
@@ -123,16 +124,20 @@ async fn claim_for(
             .observe((now_ms() - task.created_at).max(0) as f64 / 1000.0);
         state.metrics.dispatched.inc();
         tracing::debug!(task = %task.id, attempt = task.attempt, agent = %handle.agent_id, "dispatched");
-        state
-            .store
-            .add_event(
-                &task.id,
-                task.attempt,
-                "dispatched",
-                &serde_json::json!({ "agentId": handle.agent_id }),
-            )
-            .await?;
-        state.waiters.notify(&task.id);
+        sent.push((task.id, task.attempt));
+    }
+    // The batch's `dispatched` events in one statement, after the dispatches went out.
+    let events: Vec<(&str, u32)> = sent.iter().map(|(id, a)| (id.as_str(), *a)).collect();
+    state
+        .store
+        .add_events(
+            &events,
+            "dispatched",
+            &serde_json::json!({ "agentId": handle.agent_id }),
+        )
+        .await?;
+    for (id, _) in &sent {
+        state.waiters.notify(id);
     }
     Ok(n)
 }

@@ -844,6 +844,54 @@ impl Store {
         Ok(())
     }
 
+    /// Records one event for each of several tasks in one statement (the dispatcher's
+    /// `dispatched` events of a claimed batch).
+    ///
+    /// # Errors
+    /// Database failure.
+    pub async fn add_events(
+        &self,
+        events: &[(&str, u32)],
+        name: &str,
+        payload: &serde_json::Value,
+    ) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut sql = String::from(
+            "INSERT INTO task_events (id, task_id, attempt, name, payload, created_at) VALUES ",
+        );
+        for i in 0..events.len() {
+            let b = i * 6;
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!(
+                "(${}, ${}, ${}, ${}, ${}, ${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6
+            ));
+        }
+        let payload = payload.to_string();
+        let now = paddock_proto::now_ms();
+        let mut q = sqlx::query(&sql);
+        for (task_id, attempt) in events {
+            q = q
+                .bind(uuid::Uuid::now_v7().to_string())
+                .bind(*task_id)
+                .bind(i64::from(*attempt))
+                .bind(name)
+                .bind(payload.clone())
+                .bind(now);
+        }
+        q.execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// Events of a task, oldest first.
     ///
     /// # Errors

@@ -837,6 +837,30 @@ async fn output_and_events(store: Store) {
         store.orgs_with_queued_tasks().await.unwrap(),
         vec![org.id.clone()]
     );
+    // A batch of events in one statement: each task gets its own, with its attempt.
+    let other = store
+        .insert_task(&new_task(&org.id, shell(&["true"])))
+        .await
+        .unwrap();
+    store
+        .add_events(&[], "dispatched", &serde_json::json!({}))
+        .await
+        .unwrap();
+    store
+        .add_events(
+            &[(id.as_str(), 2), (other.as_str(), 1)],
+            "dispatched",
+            &serde_json::json!({"agentId": "a2"}),
+        )
+        .await
+        .unwrap();
+    let ev = store.list_events(&id).await.unwrap();
+    assert_eq!(ev.len(), 3);
+    assert_eq!((ev[2].name.as_str(), ev[2].attempt), ("dispatched", 2));
+    assert_eq!(ev[2].payload["agentId"], "a2");
+    let ev = store.list_events(&other).await.unwrap();
+    assert_eq!(ev.len(), 1);
+    assert_eq!((ev[0].name.as_str(), ev[0].attempt), ("dispatched", 1));
 }
 
 async fn concurrent_claims_never_double_dispatch(store: Store) {

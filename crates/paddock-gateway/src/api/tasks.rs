@@ -229,7 +229,7 @@ pub(crate) async fn wait_terminal(
     task_id: &str,
     wait: Duration,
 ) -> Result<TaskRow, ApiError> {
-    let notify = state.waiters.subscribe(task_id);
+    let notify = state.waiters.subscribe_changes(task_id);
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let notified = notify.notified();

@@ -88,9 +88,14 @@ pub(super) fn run_waiter(spec: &InitSpec, entered: CloneFlags) -> Result<i32, St
         .mode(0o600)
         .open(&spec.status_file)
         .map_err(|e| format!("status file {}: {e}", spec.status_file.display()))?;
-    let me = std::process::id().to_string();
     for procs in &spec.cgroup_procs {
-        if let Err(e) = std::fs::write(procs, &me) {
+        // This process is single-threaded, so moving its one thread moves it. On cgroup v1,
+        // "0" (the writer) written to `tasks` moves one thread without the kernel's global
+        // threadgroup lock, whose write side waits for an RCU grace period: 0.2 ms for the
+        // three controllers, where writing the pid to `cgroup.procs` took up to 28 ms here.
+        let tasks = procs.with_file_name("tasks");
+        let target = if tasks.exists() { &tasks } else { procs };
+        if let Err(e) = std::fs::write(target, "0") {
             status_line(
                 &mut status,
                 &format!("setup joining cgroup {}: {e}", procs.display()),
