@@ -49,25 +49,26 @@ def main():
         L.append(f"| raw WebSocket floor | {f(floor['p50_ms'], 3)} | {f(floor['p99_ms'], 3)} | | | | "
                  f"tokio-tungstenite, 2 processes, {floor['request_bytes']} B out / {floor['reply_bytes']} B back |")
     for db, d in dbs.items():
-        rt = d.get("round_trip", {})
-        for agents in (1, 2):
-            t = d.get(f"throughput_{agents}")
-            if not t and agents == 2:
+        idle = d.get("idle_rss", {})
+        idle_txt = "; ".join(
+            f"{int(k):,} idle: {mib(v['rss_kib'] if isinstance(v, dict) else v):.0f}"
+            for k, v in idle.items())
+        rows = [
+            ("agent.noop, 1 agent", d.get("round_trip", {}), d.get("throughput_1"), True),
+            ("agent.noop, 2 agents", {}, d.get("throughput_2"), False),
+            ("argv `true` on the host backend, 1 agent", d.get("round_trip_true", {}),
+             d.get("throughput_1_true"), False),
+        ]
+        for what, rt, t, with_idle in rows:
+            if not rt and not t:
                 continue
-            idle = d.get("idle_rss", {})
-            rss = ""
-            if agents == 1 and idle:
-                parts = [f"{int(k):,} idle: {mib(v['rss_kib'] if isinstance(v, dict) else v):.0f}"
-                         for k, v in idle.items()]
-                rss = "; ".join(parts)
-            elif t and t.get("rss_kib_after"):
-                rss = f"{mib(t['rss_kib_after']):.0f} after the run"
-            if agents == 1 and t and t.get("rss_kib_after"):
-                rss = f"{mib(t['rss_kib_after']):.0f} after the run; " + rss
-            L.append(f"| paddock {db}, {agents} agent{'s' if agents > 1 else ''} | "
-                     f"{f(rt.get('p50_ms')) if agents == 1 else ''} | {f(rt.get('p99_ms')) if agents == 1 else ''} | "
+            rss = f"{mib(t['rss_kib_after']):.0f} after the run" if t and t.get("rss_kib_after") else ""
+            if with_idle and idle_txt:
+                rss = f"{rss}; {idle_txt}" if rss else idle_txt
+            L.append(f"| paddock {db}, {what} | {f(rt.get('p50_ms')) if rt else ''} | "
+                     f"{f(rt.get('p99_ms')) if rt else ''} | "
                      f"{f(t['tasks_per_s']) if t else 'n/a'} | {f(t['tasks']) if t else ''} | {rss} | "
-                     f"{meta['paddock_version']}; host backend, argv `true` |")
+                     f"{meta['paddock_version']} |")
     for name, p in peers.items():
         if not p:
             L.append(f"| {name} | n/a | n/a | n/a | | | did not run: {meta['peer_status'].get(name, 'failed')} |")
@@ -83,8 +84,9 @@ def main():
     tps = max([sq.get(k, {}).get("tasks_per_s", 0) for k in ("throughput_1", "throughput_2")] or [0]) or None
     ran = {n: p for n, p in peers.items() if p}
     L.append("")
-    L.append("Ratios, Paddock on SQLite over each peer (p50: the peer's p50 divided by Paddock's, higher is "
-             "better for Paddock; throughput: Paddock's best of 1 and 2 agents divided by the peer's):")
+    L.append("Ratios, Paddock on SQLite with `agent.noop` (the counterpart of the peers' no-op function) over "
+             "each peer (p50: the peer's p50 divided by Paddock's, higher is better for Paddock; throughput: "
+             "Paddock's best of 1 and 2 agents divided by the peer's):")
     L.append("")
     L.append("| peer | p50 peer/paddock | tasks/s paddock/peer |")
     L.append("|---|---:|---:|")

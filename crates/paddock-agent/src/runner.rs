@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use paddock_proto::{
-    AgentMessage, Dispatch, ErrorBody, ErrorCode, KIND_AGENT_EXECUTE, KIND_BUNDLE_RUN, NetworkMode,
-    Output, ResultStatus, RunningTask, TaskRef, TaskResult, now_ms,
+    AgentMessage, Dispatch, ErrorBody, ErrorCode, KIND_AGENT_EXECUTE, KIND_AGENT_NOOP,
+    KIND_BUNDLE_RUN, NetworkMode, Output, ResultStatus, RunningTask, TaskRef, TaskResult, now_ms,
 };
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -335,6 +335,16 @@ impl Runner {
             started_at_ms: started,
             finished_at_ms: now_ms(),
         };
+        if d.spec.kind == KIND_AGENT_NOOP {
+            // Nothing to run: the dispatch path alone.
+            return TaskResult {
+                status: ResultStatus::Succeeded,
+                exit_code: Some(0),
+                error_code: None,
+                error_message: None,
+                ..fail(ErrorCode::Internal, String::new())
+            };
+        }
         if d.spec.kind != KIND_AGENT_EXECUTE && d.spec.kind != KIND_BUNDLE_RUN {
             return fail(
                 ErrorCode::KindUnsupported,

@@ -283,7 +283,11 @@ async fn hello_comes_first_and_declares_capabilities() {
     assert_eq!(hello.agent_version, env!("CARGO_PKG_VERSION"));
     assert_eq!(
         hello.capabilities.kinds,
-        vec!["agent.execute".to_string(), "bundle.run".to_string()]
+        vec![
+            "agent.execute".to_string(),
+            "bundle.run".to_string(),
+            "agent.noop".to_string()
+        ]
     );
     assert_eq!(
         hello.capabilities.backends.first().map(String::as_str),

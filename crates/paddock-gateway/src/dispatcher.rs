@@ -47,7 +47,17 @@ async fn round(state: &AppState) -> Result<bool, paddock_store::StoreError> {
     if agents.is_empty() {
         return Ok(false);
     }
-    let orgs = state.store.orgs_with_queued_tasks().await?;
+    let mut candidates: Vec<&str> = agents
+        .iter()
+        .filter(|h| !h.close.is_cancelled() && h.free_slots() > 0)
+        .map(|h| h.org_id.as_str())
+        .collect();
+    candidates.sort_unstable();
+    candidates.dedup();
+    if candidates.is_empty() {
+        return Ok(false);
+    }
+    let orgs = state.store.orgs_with_queued_among(&candidates).await?;
     if orgs.is_empty() {
         return Ok(false);
     }

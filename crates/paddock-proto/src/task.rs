@@ -7,8 +7,13 @@ use serde::{Deserialize, Serialize};
 /// Task kind for a shell task run by an agent (seed 004, `agent.execute`).
 pub const KIND_AGENT_EXECUTE: &str = "agent.execute";
 
+/// Task kind an agent answers at once, without starting any process: a probe of the whole
+/// dispatch path (submit, claim, deliver, result stored, caller answered), for health
+/// checks and for measuring the control plane itself. Takes no `shell` and no `bundle`.
+pub const KIND_AGENT_NOOP: &str = "agent.noop";
+
 /// Kinds an agent of this build can run.
-pub const AGENT_KINDS: &[&str] = &[KIND_AGENT_EXECUTE, KIND_BUNDLE_RUN];
+pub const AGENT_KINDS: &[&str] = &[KIND_AGENT_EXECUTE, KIND_BUNDLE_RUN, KIND_AGENT_NOOP];
 
 /// Kind of a workflow-bundle run (seed 001): fetch, verify, unpack, install, run.
 pub const KIND_BUNDLE_RUN: &str = "bundle.run";
@@ -255,6 +260,12 @@ impl TaskSpec {
         if self.bundle.is_some() {
             return Err("`bundle` is only used by bundle.run".into());
         }
+        if self.kind == KIND_AGENT_NOOP {
+            if self.shell.is_some() {
+                return Err("`shell` is not used by agent.noop".into());
+            }
+            return self.validate_common();
+        }
         let shell = self
             .shell
             .as_ref()
@@ -367,6 +378,13 @@ mod tests {
     fn validate_rejects_bad_specs() {
         let ok = spec(r#"{"kind":"agent.execute","shell":{"argv":["true"]}}"#).unwrap();
         ok.validate().unwrap();
+        assert_eq!(spec(r#"{"kind":"agent.noop"}"#).unwrap().validate(), Ok(()));
+        assert!(
+            spec(r#"{"kind":"agent.noop","shell":{"argv":["true"]}}"#)
+                .unwrap()
+                .validate()
+                .is_err()
+        );
         let no_shell = spec(r#"{"kind":"agent.execute"}"#).unwrap();
         assert!(no_shell.validate().is_err());
         let bad_kind = spec(r#"{"kind":"nope","shell":{"argv":["true"]}}"#).unwrap();

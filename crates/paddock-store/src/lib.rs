@@ -70,6 +70,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../migrations/0002_instances.sql"),
     ),
     (3, "bundles", include_str!("../migrations/0003_bundles.sql")),
+    (
+        4,
+        "queue_order",
+        include_str!("../migrations/0004_queue_order.sql"),
+    ),
 ];
 
 /// Handle to the database. Cheap to clone.
@@ -108,7 +113,7 @@ impl Store {
                 .max_connections(if url.contains(":memory:") { 1 } else { 8 })
                 .after_connect(|conn, _| {
                     Box::pin(async move {
-                        conn.execute("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000; PRAGMA foreign_keys=ON;")
+                        conn.execute("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000; PRAGMA foreign_keys=ON; PRAGMA mmap_size=268435456;")
                             .await?;
                         Ok(())
                     })

@@ -948,6 +948,32 @@ impl Store {
                 .await?,
         )
     }
+
+    /// Which of `orgs` have queued tasks: one index probe per org (`tasks_queue_order`), so the
+    /// cost does not grow with the length of the queue, unlike
+    /// [`Store::orgs_with_queued_tasks`], which visits every queued row.
+    ///
+    /// # Errors
+    /// Database failure.
+    pub async fn orgs_with_queued_among(&self, orgs: &[&str]) -> Result<Vec<String>> {
+        let mut found = Vec::new();
+        for chunk in orgs.chunks(200) {
+            let sql = (1..=chunk.len())
+                .map(|i| {
+                    format!(
+                        "SELECT ${i} AS org_id WHERE EXISTS (SELECT 1 FROM tasks WHERE org_id = ${i} AND state = 'queued')"
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" UNION ALL ");
+            let mut q = sqlx::query_scalar::<_, String>(&sql);
+            for org in chunk {
+                q = q.bind(*org);
+            }
+            found.extend(q.fetch_all(&self.pool).await?);
+        }
+        Ok(found)
+    }
 }
 
 /// The claim itself, on one connection: inside a transaction on PostgreSQL (the advisory
@@ -1004,15 +1030,17 @@ async fn claim_rows(
         let p = placeholders(next, req.backends.len());
         format!("(backend IS NULL OR backend IN ({p}))")
     };
-    let lock = match dialect {
-        Dialect::Postgres => "FOR UPDATE SKIP LOCKED",
-        Dialect::Sqlite => "",
+    // SQLite: `+state` keeps the planner off the state index for the outer UPDATE, which
+    // would otherwise visit every queued row to find the picked ids (not the primary key).
+    let (lock, outer_state) = match dialect {
+        Dialect::Postgres => ("FOR UPDATE SKIP LOCKED", "state"),
+        Dialect::Sqlite => ("", "+state"),
     };
     let sql = format!(
         "WITH picked AS MATERIALIZED (SELECT id FROM tasks WHERE org_id = $4 AND state = 'queued' AND cancel_requested = 0 AND queue_deadline_at > $3 \
              AND kind IN ({kinds}) AND {tag_clause} AND {backend_clause} ORDER BY created_at, id LIMIT $5 {lock}) \
              UPDATE tasks SET state = 'dispatched', agent_id = $1, attempt = attempt + 1, lease_expires_at = $2, dispatched_at = $3, started_at = NULL, updated_at = $3 \
-             WHERE state = 'queued' AND id IN (SELECT id FROM picked) \
+             WHERE {outer_state} = 'queued' AND id IN (SELECT id FROM picked) \
              RETURNING id, attempt, spec, created_at"
     );
     let mut q = sqlx::query(&sql)

@@ -837,6 +837,30 @@ async fn output_and_events(store: Store) {
         store.orgs_with_queued_tasks().await.unwrap(),
         vec![org.id.clone()]
     );
+    // The dispatcher's probe: only the orgs asked about, only those with queued work.
+    let idle = store.create_org("idle").await.unwrap();
+    assert_eq!(
+        store
+            .orgs_with_queued_among(&[idle.id.as_str(), org.id.as_str(), "nope"])
+            .await
+            .unwrap(),
+        vec![org.id.clone()]
+    );
+    assert!(
+        store
+            .orgs_with_queued_among(&[idle.id.as_str()])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.orgs_with_queued_among(&[]).await.unwrap().is_empty());
+    let many: Vec<String> = (0..450).map(|i| format!("org-{i}")).collect();
+    let mut ask: Vec<&str> = many.iter().map(String::as_str).collect();
+    ask.push(&org.id);
+    assert_eq!(
+        store.orgs_with_queued_among(&ask).await.unwrap(),
+        vec![org.id.clone()]
+    );
     // A batch of events in one statement: each task gets its own, with its attempt.
     let other = store
         .insert_task(&new_task(&org.id, shell(&["true"])))

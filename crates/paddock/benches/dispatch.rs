@@ -10,9 +10,10 @@
 //! - floor: a WebSocket request/reply between two processes with the frame sizes of a no-op
 //!   task's `dispatch` and `result`.
 //!
-//! The no-op is argv `["true"]` on the host backend: the agent has no task kind that skips
-//! the sandbox, so every task forks and execs one process (about 1 ms, measured in
-//! `sandbox_cold_start`). That cost is part of every Paddock figure.
+//! Two workloads: `agent.noop` (the agent answers without starting a process: the dispatch
+//! path alone, the counterpart of the peers' no-op function in a running worker) for (a),
+//! (b) and (c), and argv `["true"]` on the host backend (one process spawned per task, about
+//! 1 ms, see `sandbox_cold_start`) for (a) and (b).
 //!
 //! Run: `bench/run.sh` (everything, with the peers), or
 //! `cargo bench --bench dispatch -- [--db sqlite,postgres] [--roundtrips N] [--tasks N]
@@ -76,9 +77,14 @@ fn parse_args() -> Args {
     a
 }
 
-/// The no-op task.
-fn noop() -> Value {
-    json!({ "kind": "agent.execute", "shell": { "argv": ["true"] } })
+/// The no-op task of a workload: `noop` is the `agent.noop` kind (the agent answers at once:
+/// the dispatch path alone, like the peers' no-op function in a running worker); `true`
+/// runs argv `["true"]` on the host backend (one process spawned per task).
+fn task(workload: &str) -> Value {
+    match workload {
+        "noop" => json!({ "kind": "agent.noop" }),
+        _ => json!({ "kind": "agent.execute", "shell": { "argv": ["true"] } }),
+    }
 }
 
 fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
@@ -138,8 +144,13 @@ async fn fresh_db(db: &str, dir: &std::path::Path) -> String {
 }
 
 /// (a) Sequential submit-and-wait round trips.
-async fn round_trips(org: &procs::Org, http: &reqwest::Client, n: usize) -> Vec<Duration> {
-    let body = noop();
+async fn round_trips(
+    org: &procs::Org,
+    http: &reqwest::Client,
+    n: usize,
+    workload: &str,
+) -> Vec<Duration> {
+    let body = task(workload);
     let mut samples = Vec::with_capacity(n);
     for i in 0..n + 50 {
         let t0 = Instant::now();
@@ -165,7 +176,13 @@ async fn round_trips(org: &procs::Org, http: &reqwest::Client, n: usize) -> Vec<
 }
 
 /// (b)/(c) `n` tasks queued at once by 32 submitters; seconds until every result is stored.
-async fn throughput(gw: &Gateway, org: &procs::Org, http: &reqwest::Client, n: usize) -> Value {
+async fn throughput(
+    gw: &Gateway,
+    org: &procs::Org,
+    http: &reqwest::Client,
+    n: usize,
+    workload: &'static str,
+) -> Value {
     let done_before = gw.metric(http, "paddock_results_total").await;
     let next = Arc::new(AtomicUsize::new(0));
     let t0 = Instant::now();
@@ -175,7 +192,7 @@ async fn throughput(gw: &Gateway, org: &procs::Org, http: &reqwest::Client, n: u
         let org = org.clone();
         let http = http.clone();
         submitters.push(tokio::spawn(async move {
-            let body = noop();
+            let body = task(workload);
             while next.fetch_add(1, Ordering::Relaxed) < n {
                 let resp = org.post(&http, "/tasks").json(&body).send().await.unwrap();
                 assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
@@ -266,15 +283,17 @@ async fn bench_db(db: &str, a: &Args, http: &reqwest::Client) -> Value {
         let gw = Gateway::start(&fresh_db(db, dir.path()).await, dir.path()).await;
         let org = gw.create_org(http).await;
         let agent = AgentProc::pair(&org, http, 1).await;
-        if want("rt") {
-            let s = summary(round_trips(&org, http, a.roundtrips).await);
-            eprintln!("  [{db}] round trip: {s}");
-            out.insert("round_trip".into(), s);
-        }
-        if want("tput") {
-            let t = throughput(&gw, &org, http, a.tasks).await;
-            eprintln!("  [{db}] throughput, 1 agent: {t}");
-            out.insert("throughput_1".into(), t);
+        for (workload, suffix) in [("noop", ""), ("true", "_true")] {
+            if want("rt") {
+                let s = summary(round_trips(&org, http, a.roundtrips, workload).await);
+                eprintln!("  [{db}] round trip, {workload}: {s}");
+                out.insert(format!("round_trip{suffix}"), s);
+            }
+            if want("tput") {
+                let t = throughput(&gw, &org, http, a.tasks, workload).await;
+                eprintln!("  [{db}] throughput, 1 agent, {workload}: {t}");
+                out.insert(format!("throughput_1{suffix}"), t);
+            }
         }
         agent.stop().await;
         gw.stop().await;
@@ -285,8 +304,8 @@ async fn bench_db(db: &str, a: &Args, http: &reqwest::Client) -> Value {
         let org = gw.create_org(http).await;
         let a1 = AgentProc::pair(&org, http, 1).await;
         let a2 = AgentProc::pair(&org, http, 2).await;
-        let t = throughput(&gw, &org, http, a.tasks).await;
-        eprintln!("  [{db}] throughput, 2 agents: {t}");
+        let t = throughput(&gw, &org, http, a.tasks, "noop").await;
+        eprintln!("  [{db}] throughput, 2 agents, noop: {t}");
         out.insert("throughput_2".into(), t);
         a1.stop().await;
         a2.stop().await;

@@ -76,7 +76,7 @@ async fn pair_run_and_revoke(db: Db) {
     );
     assert_eq!(
         a["capabilities"]["kinds"],
-        json!(["agent.execute", "bundle.run"])
+        json!(["agent.execute", "bundle.run", "agent.noop"])
     );
     assert_eq!(a["capabilities"]["maxInFlight"], 10);
 
@@ -112,6 +112,23 @@ async fn pair_run_and_revoke(db: Db) {
         r.body["errorCode"], "HOST_NETWORK_MODE_UNSUPPORTED",
         "{r:?}"
     );
+
+    // agent.noop: answered by the agent without starting anything; it takes no shell.
+    let r = org
+        .post(&org.p("/tasks/run"), json!({"kind": "agent.noop"}))
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["state"], "succeeded", "{r:?}");
+    assert_eq!(r.body["exitCode"], 0);
+    assert_eq!(r.body["result"]["stdout"], "");
+    let r = org
+        .post(
+            &org.p("/tasks/run"),
+            json!({"kind": "agent.noop", "shell": {"argv": ["true"]}}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(r.body["code"], "INVALID_REQUEST", "{r:?}");
 
     // The pairing token was single use.
     let home2 = tempfile::tempdir().unwrap();

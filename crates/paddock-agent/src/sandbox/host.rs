@@ -67,7 +67,10 @@ async fn run_host(
         });
     }
     let program = req.program()?.to_string();
-    let mut cmd = Command::new(&program);
+    // Resolved here against the task's own PATH, so that the standard library can start it
+    // with posix_spawn (vfork) instead of a full fork of the agent: it falls back to fork
+    // when a bare name must be looked up in a PATH given in the child's environment.
+    let mut cmd = Command::new(resolve_program(&program, req.env.get("PATH")));
     cmd.args(&req.argv[1..])
         .env_clear()
         .envs(&req.env)
@@ -75,9 +78,55 @@ async fn run_host(
     supervise(cmd, &program, req, output, cancel).await
 }
 
+/// `program` as a path: itself when it contains a slash, else the first executable file of
+/// that name in `path` (default `/usr/bin:/bin`); itself when none is found, so that
+/// spawning reports the usual "not found".
+fn resolve_program(program: &str, path: Option<&String>) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    if program.contains('/') {
+        return program.into();
+    }
+    let path = path.map_or("/usr/bin:/bin", String::as_str);
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let candidate = std::path::Path::new(dir).join(program);
+        if let Ok(meta) = std::fs::metadata(&candidate)
+            && meta.is_file()
+            && meta.permissions().mode() & 0o111 != 0
+        {
+            return candidate;
+        }
+    }
+    program.into()
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    #[test]
+    fn programs_resolve_against_the_tasks_path() {
+        use super::resolve_program;
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("tool");
+        std::fs::write(&exe, "#!/bin/sh\n").unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, "").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = format!("/nonexistent::{}", dir.path().display());
+        assert_eq!(resolve_program("tool", Some(&path)), exe);
+        // Not executable, or absent: left as given (spawn reports it).
+        assert_eq!(
+            resolve_program("plain", Some(&path)).to_str(),
+            Some("plain")
+        );
+        assert_eq!(resolve_program("nope", Some(&path)).to_str(), Some("nope"));
+        assert_eq!(resolve_program("./x", Some(&path)).to_str(), Some("./x"));
+        assert_eq!(
+            resolve_program("sh", None),
+            std::path::PathBuf::from("/usr/bin/sh")
+        );
+    }
+
     use std::time::Duration;
     use std::time::Instant as StdInstant;
 
