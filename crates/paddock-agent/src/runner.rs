@@ -287,10 +287,14 @@ impl Runner {
                 self.changed.notify_one();
                 return;
             }
-            slot.log.push(AgentMessage::Accepted(TaskRef {
-                task_id: task_id.clone(),
-                attempt,
-            }));
+            // `agent.noop` starts nothing: its result, which follows at once, is all there is
+            // to report (and one database write fewer on the gateway).
+            if d.spec.kind != KIND_AGENT_NOOP {
+                slot.log.push(AgentMessage::Accepted(TaskRef {
+                    task_id: task_id.clone(),
+                    attempt,
+                }));
+            }
             let cancel = slot.cancel.clone();
             slots.insert(task_id.clone(), slot);
             drop(slots);

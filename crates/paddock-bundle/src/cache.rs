@@ -225,16 +225,17 @@ impl BundleCache {
         self.commit(digest, &partial)
     }
 
-    /// Every cached bundle, least recently used first.
-    pub fn entries(&self) -> Result<Vec<CacheEntry>, BundleError> {
-        let dir = self.dir.join("sha256");
+    /// The files `<digest hex><suffix>` of the cache's subdirectory `sub`, with their size
+    /// and mtime; other names, and files removed meanwhile, are skipped.
+    fn list(&self, sub: &str, suffix: &str) -> Result<Vec<(Digest, u64, SystemTime)>, BundleError> {
+        let dir = self.dir.join(sub);
         let mut out = Vec::new();
         let rd = fs::read_dir(&dir)
             .map_err(|e| BundleError::io(format!("list {}", dir.display()), e))?;
         for entry in rd {
             let entry = entry.map_err(|e| BundleError::io(format!("list {}", dir.display()), e))?;
             let name = entry.file_name();
-            let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(".tar.zst")) else {
+            let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(suffix)) else {
                 continue;
             };
             let Ok(digest) = hex.parse::<Digest>() else {
@@ -243,50 +244,39 @@ impl BundleCache {
             let meta = match entry.metadata() {
                 Ok(m) => m,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(BundleError::io(format!("stat {hex}"), e)),
+                Err(e) => return Err(BundleError::io(format!("stat {sub}/{hex}"), e)),
             };
-            out.push(CacheEntry {
-                digest,
-                size: meta.len(),
-                last_access: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-            });
+            let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            out.push((digest, meta.len(), modified));
         }
-        out.sort_by(|a, b| {
-            a.last_access
-                .cmp(&b.last_access)
-                .then(a.digest.cmp(&b.digest))
-        });
+        out.sort_by(|a, b| a.2.cmp(&b.2).then(a.0.cmp(&b.0)));
         Ok(out)
+    }
+
+    /// Every cached bundle, least recently used first.
+    pub fn entries(&self) -> Result<Vec<CacheEntry>, BundleError> {
+        Ok(self
+            .list("sha256", ".tar.zst")?
+            .into_iter()
+            .map(|(digest, size, last_access)| CacheEntry {
+                digest,
+                size,
+                last_access,
+            })
+            .collect())
     }
 
     /// Every partial download (in progress or interrupted), least recently written first.
     pub fn partials(&self) -> Result<Vec<PartialEntry>, BundleError> {
-        let dir = self.dir.join("partial");
-        let mut out = Vec::new();
-        let rd = fs::read_dir(&dir)
-            .map_err(|e| BundleError::io(format!("list {}", dir.display()), e))?;
-        for entry in rd {
-            let entry = entry.map_err(|e| BundleError::io(format!("list {}", dir.display()), e))?;
-            let name = entry.file_name();
-            let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(".part")) else {
-                continue;
-            };
-            let Ok(digest) = hex.parse::<Digest>() else {
-                continue;
-            };
-            let meta = match entry.metadata() {
-                Ok(m) => m,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(BundleError::io(format!("stat partial {hex}"), e)),
-            };
-            out.push(PartialEntry {
+        Ok(self
+            .list("partial", ".part")?
+            .into_iter()
+            .map(|(digest, size, modified)| PartialEntry {
                 digest,
-                size: meta.len(),
-                modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-            });
-        }
-        out.sort_by(|a, b| a.modified.cmp(&b.modified).then(a.digest.cmp(&b.digest)));
-        Ok(out)
+                size,
+                modified,
+            })
+            .collect())
     }
 
     /// Total size of what counts toward the cap: cached bundles and partial downloads.

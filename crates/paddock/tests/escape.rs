@@ -4,6 +4,8 @@
 //! `scripts/test.sh` has installed everything and a missing backend is a failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,30 +80,6 @@ async fn run(b: &Arc<dyn Sandbox>, req: RunRequest) -> RunOutcome {
     out
 }
 
-/// Host processes whose command line contains `needle` (as NUL-separated argv).
-fn host_processes_with(needle: &str) -> Vec<i32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let state = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        let zombie = state
-            .rsplit(')')
-            .next()
-            .is_some_and(|r| r.trim_start().starts_with('Z'));
-        if !zombie
-            && String::from_utf8_lossy(&cmdline)
-                .replace('\0', " ")
-                .contains(needle)
-        {
-            found.push(pid);
-        }
-    }
-    found
-}
-
 macro_rules! escape_suite {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -134,8 +112,8 @@ macro_rules! escape_suite {
                 // The host still forks fine, and nothing of the bomb is left.
                 assert!(std::process::Command::new("true").status().unwrap().success());
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                assert!(host_processes_with(&format!("sleep {marker}")).is_empty());
-                assert!(host_processes_with(&format!("bomb; sleep {marker}")).is_empty(), "bomb processes outlived the task");
+                assert!(common::live_processes_with(&format!("sleep {marker}")).is_empty());
+                assert!(common::live_processes_with(&format!("bomb; sleep {marker}")).is_empty(), "bomb processes outlived the task");
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,7 +128,7 @@ macro_rules! escape_suite {
                 assert_eq!(out.stdout, "fork-refused\n", "{out:?}");
                 assert_eq!((out.status, out.exit_code), (ResultStatus::Failed, Some(3)));
                 assert_eq!(out.error_code, Some(ErrorCode::PidsLimitExceeded), "{out:?}");
-                assert!(host_processes_with("sleep 3017").is_empty(), "background sleeps survived the run");
+                assert!(common::live_processes_with("sleep 3017").is_empty(), "background sleeps survived the run");
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,7 +197,7 @@ macro_rules! escape_suite {
                 assert_eq!((out.status, out.error_code), (ResultStatus::TimedOut, Some(ErrorCode::TaskTimeout)), "{out:?}");
                 assert!(t0.elapsed() < Duration::from_secs(6), "took {:?}", t0.elapsed());
                 for marker in ["sleep 3011", "sleep 3012", "sleep 3013"] {
-                    assert!(host_processes_with(marker).is_empty(), "{marker} survived the timeout");
+                    assert!(common::live_processes_with(marker).is_empty(), "{marker} survived the timeout");
                 }
             }
 
@@ -298,7 +276,7 @@ macro_rules! escape_suite {
                 assert_eq!((out.status, out.stdout.as_str()), (ResultStatus::Succeeded, "started\n"), "{out:?}");
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 for marker in ["sleep 3021", "sleep 3022", "sleep 3023"] {
-                    assert!(host_processes_with(marker).is_empty(), "{marker} outlived the task");
+                    assert!(common::live_processes_with(marker).is_empty(), "{marker} outlived the task");
                 }
             }
 

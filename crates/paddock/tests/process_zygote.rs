@@ -4,6 +4,8 @@
 //! elsewhere, a failure under `CI=true`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,34 +57,10 @@ async fn run(b: &Arc<ProcessSandbox>, req: RunRequest) -> Result<RunOutcome, San
     out
 }
 
-/// Pids of live (non-zombie) host processes whose argv contains `needle`.
-fn processes_with(needle: &str) -> Vec<i32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        let zombie = stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|r| r.trim_start().starts_with('Z'));
-        if !zombie
-            && String::from_utf8_lossy(&cmdline)
-                .replace('\0', " ")
-                .contains(needle)
-        {
-            found.push(pid);
-        }
-    }
-    found
-}
-
 /// The zygotes that are children of this test process.
 fn my_zygotes() -> Vec<i32> {
     let me = std::process::id().to_string();
-    processes_with("__sandbox-zygote")
+    common::live_processes_with("__sandbox-zygote")
         .into_iter()
         .filter(|pid| {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -180,7 +158,7 @@ async fn a_killed_zygote_fails_its_runs_and_is_replaced() {
         tokio::spawn(async move { run(&b, req).await })
     };
     wait_until("the long run started", || {
-        !processes_with(&marker).is_empty()
+        !common::live_processes_with(&marker).is_empty()
     })
     .await;
     nix::sys::signal::kill(
@@ -200,7 +178,7 @@ async fn a_killed_zygote_fails_its_runs_and_is_replaced() {
     }
     b.settle().await;
     wait_until("the run's processes are gone", || {
-        processes_with(&marker).is_empty()
+        common::live_processes_with(&marker).is_empty()
     })
     .await;
     // The next run starts a new zygote and succeeds.
@@ -224,13 +202,16 @@ async fn dropping_the_backend_leaves_nothing_running() {
         let req = request(dir.path(), &marker, NetworkMode::None);
         tokio::spawn(async move { run(&b, req).await })
     };
-    wait_until("the run started", || !processes_with(&marker).is_empty()).await;
+    wait_until("the run started", || {
+        !common::live_processes_with(&marker).is_empty()
+    })
+    .await;
     assert_eq!(my_zygotes().len(), 1);
     long.abort();
     let _ = long.await;
     drop(b);
     wait_until("zygote and run gone", || {
-        processes_with(&marker).is_empty() && my_zygotes().is_empty()
+        common::live_processes_with(&marker).is_empty() && my_zygotes().is_empty()
     })
     .await;
 }

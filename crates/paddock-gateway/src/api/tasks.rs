@@ -169,6 +169,23 @@ async fn any_eligible_agent(
         .selector
         .as_ref()
         .and_then(|s| s.required_tag().ok().flatten());
+    // An agent connected to this replica answers without a query; the database knows the
+    // agents connected to the other replicas.
+    let local = state.hub.snapshot().iter().any(|h| {
+        h.org_id == org_id
+            && !h.close.is_cancelled()
+            && (required.is_some() || !h.instance)
+            && required.as_ref().is_none_or(|t| h.tags().contains(t))
+            && h.kinds.contains(&spec.kind)
+            && spec
+                .sandbox
+                .backend
+                .as_ref()
+                .is_none_or(|b| h.backends.contains(b))
+    });
+    if local {
+        return Ok(true);
+    }
     let agents = state.store.list_live_agents(org_id, fresh_after).await?;
     Ok(agents.iter().any(|a| {
         let caps = a.capabilities.clone().unwrap_or_default();
