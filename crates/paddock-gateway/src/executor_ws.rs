@@ -211,6 +211,7 @@ where
     }
 
     // 2. register and re-bind running tasks
+    let connected_at = now_ms();
     let caps = hello.capabilities.clone();
     let (handle, mut rx) = state.hub.register(Registration {
         agent_id: agent.id.clone(),
@@ -286,7 +287,7 @@ where
     let listed: Vec<String> = hello.running.iter().map(|r| r.task_id.clone()).collect();
     match state
         .store
-        .detach_unlisted_tasks(&agent.org_id, &agent.id, &listed)
+        .detach_unlisted_tasks(&agent.org_id, &agent.id, &listed, connected_at)
         .await
     {
         Ok(0) => {}

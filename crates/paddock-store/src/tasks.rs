@@ -496,7 +496,10 @@ impl Store {
     /// After an agent reconnects: tasks the store says it holds but that it did not list in
     /// `hello` (a `dispatch` or hand-back lost with the old connection) are detached from it
     /// and their lease expired, so the reaper re-queues or fails them like any lost attempt.
-    /// Returns how many were detached.
+    /// Only tasks dispatched before `connected_at` (when this connection's `hello` arrived)
+    /// are candidates: the new connection is in the hub before this runs, and a task the
+    /// dispatcher hands it meanwhile is not one the agent forgot. Returns how many were
+    /// detached.
     ///
     /// # Errors
     /// Database failure.
@@ -505,19 +508,21 @@ impl Store {
         org_id: &str,
         agent_id: &str,
         listed: &[String],
+        connected_at: i64,
     ) -> Result<u64> {
         let not_in = if listed.is_empty() {
             String::new()
         } else {
-            format!(" AND id NOT IN ({})", placeholders(4, listed.len()))
+            format!(" AND id NOT IN ({})", placeholders(5, listed.len()))
         };
         let sql = format!(
-            "UPDATE tasks SET agent_id = NULL, lease_expires_at = 0, updated_at = $1 WHERE org_id = $2 AND agent_id = $3 AND state IN ('dispatched', 'running'){not_in}"
+            "UPDATE tasks SET agent_id = NULL, lease_expires_at = 0, updated_at = $1 WHERE org_id = $2 AND agent_id = $3 AND state IN ('dispatched', 'running') AND dispatched_at < $4{not_in}"
         );
         let mut q = sqlx::query(&sql)
             .bind(paddock_proto::now_ms())
             .bind(org_id)
-            .bind(agent_id);
+            .bind(agent_id)
+            .bind(connected_at);
         for id in listed {
             q = q.bind(id);
         }

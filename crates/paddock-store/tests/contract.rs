@@ -994,8 +994,22 @@ async fn reconnect_detaches_unlisted_tasks(store: Store) {
         2
     );
     // The agent reconnects listing only `kept`: `lost` (its dispatch never arrived) is detached.
+    // A task dispatched after the new connection's hello is not one it forgot.
+    let before_claim = paddock_proto::now_ms() - 60_000;
+    assert_eq!(
+        store
+            .detach_unlisted_tasks(&org.id, "a1", std::slice::from_ref(&kept), before_claim)
+            .await
+            .unwrap(),
+        0
+    );
     let n = store
-        .detach_unlisted_tasks(&org.id, "a1", std::slice::from_ref(&kept))
+        .detach_unlisted_tasks(
+            &org.id,
+            "a1",
+            std::slice::from_ref(&kept),
+            paddock_proto::now_ms() + 1,
+        )
         .await
         .unwrap();
     assert_eq!(n, 1);
@@ -1025,7 +1039,7 @@ async fn reconnect_detaches_unlisted_tasks(store: Store) {
     // Listing nothing detaches everything the agent held.
     assert_eq!(
         store
-            .detach_unlisted_tasks(&org.id, "a1", &[])
+            .detach_unlisted_tasks(&org.id, "a1", &[], paddock_proto::now_ms() + 1)
             .await
             .unwrap(),
         1
