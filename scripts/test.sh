@@ -143,8 +143,16 @@ log "OpenAPI document is up to date"
   || { log "docs/openapi.json is stale: run: cargo run -- openapi > docs/openapi.json"; exit 1; }
 log "tests"
 if command -v cargo-nextest >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast --retries 0 "${extra[@]}"
+  results=$(mktemp)
+  cargo nextest run --workspace --no-fail-fast --retries 0 "${extra[@]}" 2>&1 | tee "$results"
   cargo test --workspace --doc --quiet
+  # One plain closing line for the whole run (the doc tests' own summaries come last and
+  # count no tests): "tests: N passed, 0 failed, N skipped".
+  summary=$(grep -E '^ *Summary \[' "$results" | tail -n1)
+  rm -f "$results"
+  n_passed=$(grep -oE '[0-9]+ passed' <<<"$summary" | grep -oE '[0-9]+' || echo 0)
+  n_skipped=$(grep -oE '[0-9]+ skipped' <<<"$summary" | grep -oE '[0-9]+' || echo 0)
+  echo "tests: ${n_passed} passed, 0 failed, ${n_skipped} skipped"
 else
   cargo test --workspace --no-fail-fast "${extra[@]}"
 fi
