@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use paddock_proto::{
     AgentMessage, ErrorBody, ErrorCode, Frame, FrameError, GatewayMessage, Heartbeat, HelloOk,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ResultAck, decode_agent, encode, now_ms,
@@ -331,6 +331,8 @@ where
     let stale = state.cfg.agent_stale;
     let mut last_seen = Instant::now();
     let mut bad_frames = 0u32;
+    // A frame read while gathering results, handled next.
+    let mut pending: Option<Frame> = None;
     let mut stale_check = tokio::time::interval(
         stale
             .min(Duration::from_secs(1))
@@ -357,7 +359,7 @@ where
                     break;
                 }
             }
-            frame = stream.next() => {
+            frame = async { match pending.take() { Some(f) => Some(f), None => stream.next().await } } => {
                 let Some(frame) = frame else { break };
                 if frame == Frame::Close {
                     break;
@@ -365,6 +367,49 @@ where
                 last_seen = Instant::now();
                 match decode_agent(&frame, max) {
                     Ok(None) => {}
+                    Ok(Some(AgentMessage::Result(first))) => {
+                        // Results already waiting behind this one are stored with it, in
+                        // one transaction; the first other frame is handled after them.
+                        let mut results = vec![first];
+                        let mut next = None;
+                        while results.len() < MAX_RESULT_BATCH {
+                            match stream.next().now_or_never() {
+                                Some(Some(f)) => match decode_agent(&f, max) {
+                                    Ok(Some(AgentMessage::Result(r))) => results.push(r),
+                                    _ => {
+                                        next = Some(f);
+                                        break;
+                                    }
+                                },
+                                // Nothing more yet (or the stream ended: the next poll says so).
+                                _ => break,
+                            }
+                        }
+                        let mut ok = true;
+                        match finish_results(&state, &agent, &handle, results).await {
+                            Ok(acks) => {
+                                for ack in acks {
+                                    if sink.feed(encode(&ack)).await.is_err() {
+                                        ok = false;
+                                        break;
+                                    }
+                                }
+                                ok = ok && sink.flush().await.is_ok();
+                            }
+                            Err(fatal) => {
+                                let _ = sink.send(encode(&fatal)).await;
+                                let _ = sink.send(Frame::Close).await;
+                                ok = false;
+                            }
+                        }
+                        if !ok {
+                            break;
+                        }
+                        if let Some(f) = next {
+                            // Handled like any frame, on the next turn of the loop.
+                            pending = Some(f);
+                        }
+                    }
                     Ok(Some(msg)) => match handle_message(&state, &agent, &handle, msg).await {
                         Ok(Some(reply)) => {
                             if sink.send(encode(&reply)).await.is_err() {
@@ -527,46 +572,8 @@ async fn handle_message(
             Ok(None)
         }
         AgentMessage::Result(r) => {
-            let stored = state
-                .store
-                .complete_task(&agent.org_id, &agent.id, &r, state.cfg.results_ttl_ms())
-                .await
-                .map_err(db_down)?;
-            handle.finish_attempt(&r.task_id, r.attempt);
-            if stored {
-                let label = crate::metrics::StateLabel {
-                    state: format!("{:?}", r.status).to_lowercase(),
-                };
-                state.metrics.completed.get_or_create(&label).inc();
-                bus::publish(
-                    state,
-                    BusEvent::TaskChanged {
-                        task: r.task_id.clone(),
-                    },
-                )
-                .await;
-                if state.cfg.org_max_inflight.is_some() {
-                    bus::publish(
-                        state,
-                        BusEvent::TaskReady {
-                            org: agent.org_id.clone(),
-                        },
-                    )
-                    .await;
-                }
-            } else {
-                state.metrics.stale_results.inc();
-                tracing::info!(task = %r.task_id, attempt = r.attempt, "ignored result for an attempt that is not current");
-            }
-            if handle.instance {
-                settle_instance(state, agent).await;
-            }
-            state.dispatch_wake.notify_one();
-            Ok(Some(GatewayMessage::ResultAck(ResultAck {
-                task_id: r.task_id,
-                attempt: r.attempt,
-                stored,
-            })))
+            let mut acks = finish_results(state, agent, handle, vec![r]).await?;
+            Ok(acks.pop())
         }
         AgentMessage::Error(e) => {
             match (e.code, e.task_id.as_deref(), e.attempt) {
@@ -615,6 +622,75 @@ async fn handle_message(
             Ok(None)
         }
     }
+}
+
+/// Most results stored in one transaction.
+const MAX_RESULT_BATCH: usize = 64;
+
+/// Stores results that arrived together in one transaction, then does for each what a
+/// stored (or stale) result needs: metrics, wake-ups, the instance's next state. Returns the
+/// `result_ack`s, in order.
+async fn finish_results(
+    state: &AppState,
+    agent: &Agent,
+    handle: &AgentHandle,
+    results: Vec<paddock_proto::TaskResult>,
+) -> Result<Vec<GatewayMessage>, GatewayMessage> {
+    let stored = state
+        .store
+        .complete_tasks(
+            &agent.org_id,
+            &agent.id,
+            &results,
+            state.cfg.results_ttl_ms(),
+        )
+        .await
+        .map_err(|e| {
+            tracing::error!(agent = %agent.id, "database error in session: {e}");
+            error_msg(
+                ErrorCode::Unavailable,
+                "database unavailable; reconnect and resend",
+            )
+        })?;
+    let mut acks = Vec::with_capacity(results.len());
+    for (r, stored) in results.into_iter().zip(stored) {
+        handle.finish_attempt(&r.task_id, r.attempt);
+        if stored {
+            let label = crate::metrics::StateLabel {
+                state: format!("{:?}", r.status).to_lowercase(),
+            };
+            state.metrics.completed.get_or_create(&label).inc();
+            bus::publish(
+                state,
+                BusEvent::TaskChanged {
+                    task: r.task_id.clone(),
+                },
+            )
+            .await;
+            if state.cfg.org_max_inflight.is_some() {
+                bus::publish(
+                    state,
+                    BusEvent::TaskReady {
+                        org: agent.org_id.clone(),
+                    },
+                )
+                .await;
+            }
+        } else {
+            state.metrics.stale_results.inc();
+            tracing::info!(task = %r.task_id, attempt = r.attempt, "ignored result for an attempt that is not current");
+        }
+        if handle.instance {
+            settle_instance(state, agent).await;
+        }
+        acks.push(GatewayMessage::ResultAck(ResultAck {
+            task_id: r.task_id,
+            attempt: r.attempt,
+            stored,
+        }));
+    }
+    state.dispatch_wake.notify_one();
+    Ok(acks)
 }
 
 /// Output and events are accepted only for tasks dispatched to (or re-bound on) this

@@ -926,6 +926,65 @@ async fn max_in_flight_is_honoured() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_sent_together_are_stored_and_acked_in_order() {
+    let h = harness().await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(h.insert(&h.org.id, &echo_spec(&format!("b{i}"))).await);
+    }
+    let mut c = h.connect();
+    c.hello(4, vec![]).await;
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(c.expect_dispatch().await.task_id);
+    }
+    got.sort();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(got, sorted);
+    // Four results and a stale one back to back (the session reads them in one go and
+    // stores them in one transaction), then a heartbeat, which is still answered after them.
+    for (i, id) in ids.iter().enumerate() {
+        c.send(&AgentMessage::Result(result(
+            id,
+            1,
+            ResultStatus::Succeeded,
+            &format!("out{i}\n"),
+        )));
+    }
+    c.send(&AgentMessage::Result(result(
+        &ids[0],
+        7,
+        ResultStatus::Failed,
+        "stale",
+    )));
+    c.send(&AgentMessage::Heartbeat(paddock_proto::Heartbeat {
+        ts_ms: 1,
+    }));
+    let mut acks = Vec::new();
+    let mut heartbeat = false;
+    while acks.len() < 5 || !heartbeat {
+        match c.recv().await {
+            GatewayMessage::ResultAck(a) => {
+                assert!(!heartbeat, "a result_ack came after the heartbeat's answer");
+                acks.push((a.task_id, a.attempt, a.stored));
+            }
+            GatewayMessage::Heartbeat(_) => heartbeat = true,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let mut want: Vec<(String, u32, bool)> = ids.iter().map(|id| (id.clone(), 1, true)).collect();
+    want.push((ids[0].clone(), 7, false));
+    assert_eq!(acks, want);
+    for (i, id) in ids.iter().enumerate() {
+        let t = h.task(&h.org.id, id).await;
+        assert_eq!(t.state, TaskState::Succeeded);
+        assert_eq!(t.result.unwrap().stdout, format!("out{i}\n"));
+    }
+    assert_eq!(h.state.hub.get(&h.agent.id).unwrap().in_flight_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handed_back_task_is_requeued_and_dispatched_again() {
     let h = harness().await;
     let id = h.insert(&h.org.id, &echo_spec("back")).await;

@@ -597,28 +597,43 @@ impl Store {
         result: &TaskResult,
         ttl_ms: i64,
     ) -> Result<bool> {
-        let state = TaskState::from_result(result.status);
-        let now = paddock_proto::now_ms();
-        let json = serde_json::to_string(result).map_err(|e| corrupt("tasks.result", e))?;
-        let done = sqlx::query(
-            "UPDATE tasks SET state = $1, finished_at = $2, updated_at = $2, started_at = COALESCE(started_at, $3), exit_code = $4, error_code = $5, error_message = $6, result = $7, expires_at = $8, lease_expires_at = NULL \
-             WHERE id = $9 AND org_id = $10 AND attempt = $11 AND state IN ('queued', 'dispatched', 'running') AND agent_id = $12",
-        )
-        .bind(state.as_str())
-        .bind(now)
-        .bind(result.started_at_ms)
-        .bind(result.exit_code.map(i64::from))
-        .bind(result.error_code.map(|c| c.as_str().to_string()))
-        .bind(result.error_message.clone())
-        .bind(json)
-        .bind(now + ttl_ms)
-        .bind(&result.task_id)
-        .bind(org_id)
-        .bind(i64::from(result.attempt))
-        .bind(agent_id)
-        .execute(&self.pool)
-        .await?;
+        let done = complete_query(org_id, agent_id, result, ttl_ms)?
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// [`Store::complete_task`] for several results of one agent, in one transaction (one
+    /// commit for all that arrived together). Returns, in order, whether each was stored.
+    ///
+    /// # Errors
+    /// Database failure (then none is stored).
+    pub async fn complete_tasks(
+        &self,
+        org_id: &str,
+        agent_id: &str,
+        results: &[TaskResult],
+        ttl_ms: i64,
+    ) -> Result<Vec<bool>> {
+        match results {
+            [] => return Ok(Vec::new()),
+            [one] => {
+                return Ok(vec![
+                    self.complete_task(org_id, agent_id, one, ttl_ms).await?,
+                ]);
+            }
+            _ => {}
+        }
+        let mut tx = self.pool.begin().await?;
+        let mut stored = Vec::with_capacity(results.len());
+        for r in results {
+            let done = complete_query(org_id, agent_id, r, ttl_ms)?
+                .execute(&mut *tx)
+                .await?;
+            stored.push(done.rows_affected() == 1);
+        }
+        tx.commit().await?;
+        Ok(stored)
     }
 
     /// Cancels a task. A queued task is finished at once (`Ok(Some(Canceled))`); a dispatched
@@ -979,6 +994,34 @@ impl Store {
         }
         Ok(found)
     }
+}
+
+/// The statement of [`Store::complete_task`] for `result`, bound.
+fn complete_query<'q>(
+    org_id: &'q str,
+    agent_id: &'q str,
+    result: &'q TaskResult,
+    ttl_ms: i64,
+) -> Result<sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>> {
+    let state = TaskState::from_result(result.status);
+    let now = paddock_proto::now_ms();
+    let json = serde_json::to_string(result).map_err(|e| corrupt("tasks.result", e))?;
+    Ok(sqlx::query(
+        "UPDATE tasks SET state = $1, finished_at = $2, updated_at = $2, started_at = COALESCE(started_at, $3), exit_code = $4, error_code = $5, error_message = $6, result = $7, expires_at = $8, lease_expires_at = NULL \
+         WHERE id = $9 AND org_id = $10 AND attempt = $11 AND state IN ('queued', 'dispatched', 'running') AND agent_id = $12",
+    )
+    .bind(state.as_str())
+    .bind(now)
+    .bind(result.started_at_ms)
+    .bind(result.exit_code.map(i64::from))
+    .bind(result.error_code.map(|c| c.as_str().to_string()))
+    .bind(result.error_message.clone())
+    .bind(json)
+    .bind(now + ttl_ms)
+    .bind(&result.task_id)
+    .bind(org_id)
+    .bind(i64::from(result.attempt))
+    .bind(agent_id))
 }
 
 /// The claim itself, on one connection: inside a transaction on PostgreSQL (the advisory

@@ -35,6 +35,7 @@ contract!(
     claims_follow_selector_kind_backend_and_org,
     claims_honour_limit_and_org_cap,
     first_completion_wins,
+    batched_results_are_judged_one_by_one,
     lost_agents_requeue_then_fail,
     queued_tasks_time_out,
     cancel_queued_and_running,
@@ -498,6 +499,71 @@ async fn claims_honour_limit_and_org_cap(store: Store) {
         store.claim_tasks(&capped).await.unwrap().len(),
         1,
         "a finished task frees a slot"
+    );
+}
+
+async fn batched_results_are_judged_one_by_one(store: Store) {
+    let org = store.create_org("acme").await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(
+            store
+                .insert_task(&new_task(&org.id, shell(&["echo", &i.to_string()])))
+                .await
+                .unwrap(),
+        );
+    }
+    let a = AgentView::plain();
+    assert_eq!(
+        store
+            .claim_tasks(&a.req(&org.id, "a1", 3))
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    // One transaction: the current attempts are stored, a wrong attempt and a duplicate of a
+    // result already in the batch are not.
+    let stored = store
+        .complete_tasks(
+            &org.id,
+            "a1",
+            &[
+                result(&ids[0], 1, ResultStatus::Succeeded, 0),
+                result(&ids[1], 2, ResultStatus::Succeeded, 0),
+                result(&ids[2], 1, ResultStatus::Failed, 3),
+                result(&ids[0], 1, ResultStatus::Failed, 9),
+            ],
+            60_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored, vec![true, false, true, false]);
+    let t0 = store.get_task(&org.id, &ids[0]).await.unwrap().unwrap();
+    assert_eq!((t0.state, t0.exit_code), (TaskState::Succeeded, Some(0)));
+    let t1 = store.get_task(&org.id, &ids[1]).await.unwrap().unwrap();
+    assert_eq!(t1.state, TaskState::Dispatched);
+    let t2 = store.get_task(&org.id, &ids[2]).await.unwrap().unwrap();
+    assert_eq!((t2.state, t2.exit_code), (TaskState::Failed, Some(3)));
+    // A batch of one, and an empty batch.
+    assert_eq!(
+        store
+            .complete_tasks(
+                &org.id,
+                "a1",
+                &[result(&ids[1], 1, ResultStatus::Succeeded, 0)],
+                60_000
+            )
+            .await
+            .unwrap(),
+        vec![true]
+    );
+    assert!(
+        store
+            .complete_tasks(&org.id, "a1", &[], 60_000)
+            .await
+            .unwrap()
+            .is_empty()
     );
 }
 
