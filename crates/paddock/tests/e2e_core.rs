@@ -42,7 +42,7 @@ async fn pair_run_and_revoke(db: Db) {
     let denied = org
         .call_as(
             member_token,
-            &org.id,
+            Some(&org.id),
             Method::POST,
             &org.p("/agents/pairing-tokens"),
             None,
@@ -429,7 +429,7 @@ async fn cross_org_access_is_denied_everywhere(db: Db) {
     for (m, p) in &paths {
         // Other org's token, naming the victim org in the header.
         let a = other
-            .call_as(&other.token, &org.id, m.clone(), p, body())
+            .call_as(&other.token, Some(&org.id), m.clone(), p, body())
             .await;
         assert_eq!(
             (a.status, a.code()),
@@ -438,7 +438,7 @@ async fn cross_org_access_is_denied_everywhere(db: Db) {
         );
         // Other org's token and header, victim org in the path.
         let a = other
-            .call_as(&other.token, &other.id, m.clone(), p, body())
+            .call_as(&other.token, Some(&other.id), m.clone(), p, body())
             .await;
         assert_eq!(
             (a.status, a.code()),
@@ -453,7 +453,7 @@ async fn cross_org_access_is_denied_everywhere(db: Db) {
             .unwrap();
         assert_eq!(a.status(), 401, "{m} {p}");
         let a = other
-            .call_as("pdk_bogus", &org.id, m.clone(), p, body())
+            .call_as("pdk_bogus", Some(&org.id), m.clone(), p, body())
             .await;
         assert_eq!((a.status, a.code()), (401, "UNAUTHORIZED"), "{m} {p}");
         let a = http()

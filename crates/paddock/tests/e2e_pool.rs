@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{Value, json};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 on_both_databases!(
     burst_of_one_shot_tasks_with_a_supervisor_crash,
@@ -101,15 +101,10 @@ impl Supervisor {
             .append(true)
             .open(log)
             .unwrap();
-        let child = Command::new(BIN)
+        let child = org
+            .cli(log.parent().unwrap())
             .args(["pool", "run"])
             .args(args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HOME", log.parent().unwrap())
-            .env("PADDOCK_API_URL", &org.url)
-            .env("PADDOCK_TOKEN", &org.token)
-            .env("PADDOCK_ORG_ID", &org.id)
             .env("PADDOCK_AGENT_SHUTDOWN_GRACE_SEC", "5")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
@@ -149,15 +144,10 @@ async fn reconcile(org: &Org, args: &[String], home: &Path) -> (i32, String) {
 }
 
 async fn reconcile_split(org: &Org, args: &[String], home: &Path) -> (i32, String, String) {
-    let out = Command::new(BIN)
+    let out = org
+        .cli(home)
         .args(["pool", "reconcile"])
         .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", home)
-        .env("PADDOCK_API_URL", &org.url)
-        .env("PADDOCK_TOKEN", &org.token)
-        .env("PADDOCK_ORG_ID", &org.id)
         .output()
         .await
         .unwrap();
@@ -654,15 +644,10 @@ async fn command_provider_runs_the_local_vm_scripts(db: Db) {
         let runtime = runtime.clone();
         let home = dir.path().to_path_buf();
         async move {
-            let out = Command::new(BIN)
+            let out = org
+                .cli(&home)
                 .args(["pool", "reconcile"])
                 .args(&a)
-                .env_clear()
-                .env("PATH", std::env::var("PATH").unwrap_or_default())
-                .env("HOME", &home)
-                .env("PADDOCK_API_URL", &org.url)
-                .env("PADDOCK_TOKEN", &org.token)
-                .env("PADDOCK_ORG_ID", &org.id)
                 .env("PADDOCK_BIN", BIN)
                 .env("RUNTIME_WORKDIR", &runtime)
                 .env("RUNTIME_LOG_DIR", &runtime)
@@ -730,17 +715,12 @@ async fn command_provider_runs_the_local_vm_scripts(db: Db) {
 
 /// `paddock bundle push` of `dir` as `workflow` (shell runtime, entrypoint `main.sh`) for `org`.
 async fn push_shell_bundle(org: &Org, dir: &Path, workflow: &str) -> Value {
-    let out = Command::new(BIN)
+    let out = org
+        .cli(dir)
         .args(["bundle", "push"])
         .arg(dir)
         .args(["--workflow", workflow, "--runtime", "shell"])
         .args(["--entrypoint", "main.sh", "--json"])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", dir)
-        .env("PADDOCK_API_URL", &org.url)
-        .env("PADDOCK_TOKEN", &org.token)
-        .env("PADDOCK_ORG_ID", &org.id)
         .output()
         .await
         .unwrap();
@@ -756,22 +736,8 @@ async fn spawn_call(
     body: Option<Value>,
     org_header: Option<&str>,
 ) -> Answer {
-    let mut b = http()
-        .request(method, format!("{}{path}", org.url))
-        .bearer_auth(&org.token);
-    if let Some(h) = org_header {
-        b = b.header("X-Org-Id", h);
-    }
-    if let Some(body) = body {
-        b = b.json(&body);
-    }
-    let resp = b.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    Answer {
-        status,
-        body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    }
+    org.call_as(&org.token, org_header, method, path, body)
+        .await
 }
 
 /// Polls a spawn's status until its run is finished.

@@ -82,21 +82,10 @@ async fn run_host(
 /// that name in `path` (default `/usr/bin:/bin`); itself when none is found, so that
 /// spawning reports the usual "not found".
 fn resolve_program(program: &str, path: Option<&String>) -> std::path::PathBuf {
-    use std::os::unix::fs::PermissionsExt;
     if program.contains('/') {
         return program.into();
     }
-    let path = path.map_or("/usr/bin:/bin", String::as_str);
-    for dir in path.split(':').filter(|d| !d.is_empty()) {
-        let candidate = std::path::Path::new(dir).join(program);
-        if let Ok(meta) = std::fs::metadata(&candidate)
-            && meta.is_file()
-            && meta.permissions().mode() & 0o111 != 0
-        {
-            return candidate;
-        }
-    }
-    program.into()
+    super::find_in_path(program, path.map(String::as_str)).unwrap_or_else(|| program.into())
 }
 
 #[cfg(test)]

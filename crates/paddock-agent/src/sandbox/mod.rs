@@ -74,6 +74,20 @@ impl RunRequest {
     }
 }
 
+/// The first executable file named `program` in the directories of `path` (a `PATH` value;
+/// `/usr/bin:/bin` when unset), as `execvp` would pick it. `program` must be a bare name.
+pub(crate) fn find_in_path(program: &str, path: Option<&str>) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    path.unwrap_or("/usr/bin:/bin")
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(|dir| std::path::Path::new(dir).join(program))
+        .find(|candidate| {
+            std::fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
 /// `raw` with every character other than an ASCII letter or digit or one of `keep` replaced
 /// by `_`: for the names of the objects a backend creates (cgroups, containers, bundles).
 pub(crate) fn safe_name(raw: &str, keep: &[char]) -> String {

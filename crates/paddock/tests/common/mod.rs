@@ -238,24 +238,40 @@ impl Answer {
 }
 
 impl Org {
+    /// `paddock ARGS...` as this org's operator: an empty environment but `PATH`, `HOME`,
+    /// and the API URL, token and org id.
+    pub fn cli(&self, home: &Path) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", home)
+            .env("PADDOCK_API_URL", &self.url)
+            .env("PADDOCK_TOKEN", &self.token)
+            .env("PADDOCK_ORG_ID", &self.id);
+        cmd
+    }
+
     pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Answer {
-        self.call_as(&self.token, &self.id, method, path, body)
+        self.call_as(&self.token, Some(&self.id), method, path, body)
             .await
     }
 
-    /// A request with any token and X-Org-Id (for cross-org checks).
+    /// A request with any token and `X-Org-Id` (none: the header is left out), for cross-org
+    /// checks.
     pub async fn call_as(
         &self,
         token: &str,
-        org_header: &str,
+        org_header: Option<&str>,
         method: reqwest::Method,
         path: &str,
         body: Option<Value>,
     ) -> Answer {
         let mut b = http()
             .request(method, format!("{}{path}", self.url))
-            .bearer_auth(token)
-            .header("X-Org-Id", org_header);
+            .bearer_auth(token);
+        if let Some(h) = org_header {
+            b = b.header("X-Org-Id", h);
+        }
         if let Some(body) = body {
             b = b.json(&body);
         }

@@ -371,18 +371,10 @@ fn resolve(program: &str, spec: &InitSpec) -> Result<CString, String> {
         .env
         .iter()
         .find(|(k, _)| k == "PATH")
-        .map_or("/usr/bin:/bin", |(_, v)| v.as_str());
-    for dir in path.split(':').filter(|d| !d.is_empty()) {
-        let candidate = Path::new(dir).join(program);
-        if let Ok(meta) = std::fs::metadata(&candidate)
-            && meta.is_file()
-            && meta.permissions().mode() & 0o111 != 0
-        {
-            return CString::new(candidate.as_os_str().as_bytes())
-                .map_err(|_| "NUL in path".to_string());
-        }
-    }
-    Err(format!("{program}: command not found in PATH"))
+        .map(|(_, v)| v.as_str());
+    let found = super::super::find_in_path(program, path)
+        .ok_or_else(|| format!("{program}: command not found in PATH"))?;
+    CString::new(found.as_os_str().as_bytes()).map_err(|_| "NUL in path".to_string())
 }
 
 /// Landlock: read and execute everywhere, write only under `/work`, `/tmp` and `/dev`.
