@@ -30,8 +30,9 @@
 //! - **Environment.** Exactly the request's, except that both runtimes add `HOME` (the
 //!   user's home in the root's `/etc/passwd`, `/nonexistent` for `nobody`) when it is
 //!   missing.
-//! - **Timeout and cancellation.** `<runtime> kill --all <id> SIGTERM`, up to `kill_grace`,
-//!   then `SIGKILL`; as a last resort the runtime's own process group is killed. Note that
+//! - **Timeout and cancellation.** `<runtime> kill --all <id> SIGTERM` (with an owned
+//!   cgroup, below: the signal to every process of that cgroup but the runtime), up to
+//!   `kill_grace`, then `SIGKILL`; as a last resort the runtime's own process group is killed. Note that
 //!   the task is PID 1 of its namespace: the kernel drops signals it has no handler for, so
 //!   a plain `sleep` ignores SIGTERM and dies only of the SIGKILL after the grace.
 //! - **Memory and process limits.** After the runtime exits, and before the container is

@@ -299,11 +299,10 @@ impl Killer<'_> {
     async fn signal(&self, signal: Signal) {
         let name = signal.as_str();
         match self.owned {
-            // crun without a cgroup manager: the init through crun, the rest directly.
-            Some(cgroups) => {
-                runtime_command(self.runtime, self.global, &["kill", self.id, name]).await;
-                cgroups.signal_all(signal, Some(self.run_pid));
-            }
+            // crun without a cgroup manager: every process of the cgroup but crun itself,
+            // the container's init included, once. (Also asking crun to signal the init
+            // delivered SIGTERM to it twice, and a shell trap ran twice.)
+            Some(cgroups) => cgroups.signal_all(signal, Some(self.run_pid)),
             None => {
                 if !runtime_command(self.runtime, self.global, &["kill", "--all", self.id, name])
                     .await
