@@ -1,6 +1,10 @@
 //! Request authentication: org-scoped API tokens (`Authorization: Bearer` + `X-Org-Id`) and
 //! the internal service token (`X-Service-Token`).
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use axum::http::{HeaderMap, StatusCode};
 use paddock_proto::ErrorCode;
 use paddock_store::{ApiPrincipal, Role};
@@ -20,6 +24,80 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// How long a resolved API token is trusted without asking the database again. Revoking a
+/// token forgets it at once on the replica that revoked it and, through the bus, on the
+/// others; this bounds how long a replica that missed that event (its `LISTEN` connection
+/// was down) can still accept it.
+pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(10);
+
+/// Most tokens remembered; past it, expired entries go, then everything.
+const TOKEN_CACHE_MAX: usize = 10_000;
+
+/// Valid API tokens seen recently, by SHA-256 of the token (the token itself is never
+/// kept), so a request does not cost a database query for its credentials. Unknown and
+/// revoked tokens are never cached: each such attempt is checked against the database.
+#[derive(Debug, Default)]
+pub struct TokenCache {
+    map: Mutex<HashMap<String, (ApiPrincipal, Instant)>>,
+}
+
+impl TokenCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (ApiPrincipal, Instant)>> {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get(&self, hash: &str) -> Option<ApiPrincipal> {
+        let mut map = self.lock();
+        match map.get(hash) {
+            Some((p, at)) if at.elapsed() < TOKEN_CACHE_TTL => Some(p.clone()),
+            Some(_) => {
+                map.remove(hash);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn put(&self, hash: String, principal: ApiPrincipal) {
+        let mut map = self.lock();
+        if map.len() >= TOKEN_CACHE_MAX {
+            map.retain(|_, (_, at)| at.elapsed() < TOKEN_CACHE_TTL);
+            if map.len() >= TOKEN_CACHE_MAX {
+                map.clear();
+            }
+        }
+        map.insert(hash, (principal, Instant::now()));
+    }
+
+    /// Forgets a token (by its id): it was revoked.
+    pub fn forget(&self, token_id: &str) {
+        self.lock().retain(|_, (p, _)| p.token_id != token_id);
+    }
+}
+
+/// The principal of the request's bearer API token: `401 UNAUTHORIZED` when it is missing,
+/// unknown or revoked. Consults [`TokenCache`] first.
+pub(crate) async fn api_principal(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<ApiPrincipal, ApiError> {
+    let token = bearer(headers)
+        .ok_or_else(|| ApiError::unauthorized("missing `Authorization: Bearer <token>`"))?;
+    let hash = paddock_store::secret::hash(token);
+    if let Some(p) = state.tokens.get(&hash) {
+        return Ok(p);
+    }
+    let principal = state
+        .store
+        .authenticate_api_token(token)
+        .await?
+        .ok_or_else(|| ApiError::unauthorized("unknown or revoked API token"))?;
+    state.tokens.put(hash, principal.clone());
+    Ok(principal)
+}
+
 /// Authorises a request against an org-scoped endpoint: a valid API token of that org, the
 /// `X-Org-Id` header naming the same org (seed 004), and at least `min_role`.
 pub(crate) async fn org_principal(
@@ -28,13 +106,7 @@ pub(crate) async fn org_principal(
     org_id: &str,
     min_role: Role,
 ) -> Result<ApiPrincipal, ApiError> {
-    let token = bearer(headers)
-        .ok_or_else(|| ApiError::unauthorized("missing `Authorization: Bearer <token>`"))?;
-    let principal = state
-        .store
-        .authenticate_api_token(token)
-        .await?
-        .ok_or_else(|| ApiError::unauthorized("unknown or revoked API token"))?;
+    let principal = api_principal(state, headers).await?;
     let header_org = headers
         .get("x-org-id")
         .and_then(|v| v.to_str().ok())

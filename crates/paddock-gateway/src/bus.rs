@@ -32,6 +32,11 @@ pub enum BusEvent {
         /// Agent id.
         agent: String,
     },
+    /// An API token was revoked: replicas forget it from their token cache.
+    ApiTokenRevoked {
+        /// Token id.
+        token: String,
+    },
     /// An agent's control-plane tags changed.
     AgentTags {
         /// Agent id.
@@ -144,7 +149,7 @@ impl Waiters {
 pub(crate) fn apply_local(state: &AppState, event: &BusEvent) {
     match event {
         BusEvent::TaskReady { org } => {
-            state.dispatch_wake.notify_one();
+            state.dispatch_wake.org(org);
             let _ = state.org_events.send(OrgSignal {
                 org: org.clone(),
                 pool: None,
@@ -165,6 +170,7 @@ pub(crate) fn apply_local(state: &AppState, event: &BusEvent) {
                 );
             }
         }
+        BusEvent::ApiTokenRevoked { token } => state.tokens.forget(token),
         BusEvent::AgentTags { agent, tags } => {
             if let Some(h) = state.hub.get(agent) {
                 h.set_tags(tags.clone());

@@ -5,8 +5,16 @@
 //! work, and asks the store to claim, for each such agent with free slots, the oldest tasks
 //! it is eligible for (selector, kind, backend, org cap). Claims are atomic in the database,
 //! so replicas never hand one attempt to two agents.
+//!
+//! A wake-up names the orgs it is about when it can ([`Wake::org`]: a submission, a freed
+//! slot, a new connection): a round for named orgs only goes straight to the claims. Any
+//! other wake-up ([`Wake::notify_one`]), the periodic sweep and a round after a full batch
+//! first ask the database which orgs have queued work.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
 
 use paddock_proto::{Dispatch, GatewayMessage, now_ms};
 use paddock_store::ClaimRequest;
@@ -17,10 +25,67 @@ use crate::hub::AgentHandle;
 /// Most tasks claimed for one agent in one query.
 const MAX_BATCH: u32 = 64;
 
+/// What wakes the dispatcher, and which orgs it should look at.
+#[derive(Debug, Default)]
+pub struct Wake {
+    notify: Notify,
+    pending: Mutex<Pending>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    /// Some wake-up did not say which orgs: look at all of them.
+    all: bool,
+    orgs: BTreeSet<String>,
+}
+
+/// The orgs a round looks at.
+enum Scope {
+    All,
+    Orgs(BTreeSet<String>),
+}
+
+impl Wake {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Something changed that may let any org's work be dispatched.
+    pub fn notify_one(&self) {
+        self.lock().all = true;
+        self.notify.notify_one();
+    }
+
+    /// An org may have work to dispatch now (queued work, or a slot freed).
+    pub fn org(&self, org: &str) {
+        {
+            let mut p = self.lock();
+            if !p.all && !p.orgs.contains(org) {
+                p.orgs.insert(org.to_string());
+            }
+        }
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Scope {
+        let mut p = self.lock();
+        let scope = if p.all {
+            Scope::All
+        } else {
+            Scope::Orgs(std::mem::take(&mut p.orgs))
+        };
+        *p = Pending::default();
+        scope
+    }
+}
+
 /// Runs until shutdown.
 pub(crate) async fn run(state: AppState) {
+    let mut scope = Scope::All;
     loop {
-        let more = match round(&state).await {
+        let more = match round(&state, scope).await {
             Ok(more) => more,
             Err(e) => {
                 tracing::warn!("dispatch round failed: {e}");
@@ -30,19 +95,21 @@ pub(crate) async fn run(state: AppState) {
         if state.shutdown.is_cancelled() {
             return;
         }
-        if !more {
+        scope = if more {
+            Scope::All
+        } else {
             tokio::select! {
-                () = state.dispatch_wake.notified() => {}
-                () = tokio::time::sleep(state.cfg.tick) => {}
+                () = state.dispatch_wake.notify.notified() => state.dispatch_wake.take(),
+                () = tokio::time::sleep(state.cfg.tick) => Scope::All,
                 () = state.shutdown.cancelled() => return,
             }
-        }
+        };
     }
 }
 
-/// One pass over the connected agents. Returns whether some agent filled its batch (so
-/// there may be more to claim right away).
-async fn round(state: &AppState) -> Result<bool, paddock_store::StoreError> {
+/// One pass over the connected agents of the orgs in scope. Returns whether some agent
+/// filled its batch (so there may be more to claim right away).
+async fn round(state: &AppState, scope: Scope) -> Result<bool, paddock_store::StoreError> {
     let agents = state.hub.snapshot();
     if agents.is_empty() {
         return Ok(false);
@@ -54,10 +121,17 @@ async fn round(state: &AppState) -> Result<bool, paddock_store::StoreError> {
         .collect();
     candidates.sort_unstable();
     candidates.dedup();
+    if let Scope::Orgs(named) = &scope {
+        candidates.retain(|o| named.contains(*o));
+    }
     if candidates.is_empty() {
         return Ok(false);
     }
-    let orgs = state.store.orgs_with_queued_among(&candidates).await?;
+    let orgs: Vec<String> = match scope {
+        Scope::All => state.store.orgs_with_queued_among(&candidates).await?,
+        // Named orgs: the claims themselves find out whether there is work.
+        Scope::Orgs(_) => candidates.iter().map(|o| (*o).to_string()).collect(),
+    };
     if orgs.is_empty() {
         return Ok(false);
     }

@@ -325,7 +325,7 @@ where
         finish(&state, &handle).await;
         return;
     }
-    state.dispatch_wake.notify_one();
+    state.dispatch_wake.org(&agent.org_id);
 
     // 3. main loop
     let stale = state.cfg.agent_stale;
@@ -689,7 +689,8 @@ async fn finish_results(
             stored,
         }));
     }
-    state.dispatch_wake.notify_one();
+    // Slots of this agent freed: only its org can use them.
+    state.dispatch_wake.org(&agent.org_id);
     Ok(acks)
 }
 

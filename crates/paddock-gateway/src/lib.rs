@@ -13,6 +13,7 @@ pub mod dispatcher;
 pub mod error;
 pub mod executor_ws;
 pub mod hub;
+pub mod inserter;
 pub mod instances;
 pub mod metrics;
 pub mod openapi;
@@ -25,7 +26,6 @@ use std::time::Duration;
 
 use axum::Router;
 use paddock_store::Store;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -45,7 +45,7 @@ pub struct AppState {
     /// Per-task wake-ups.
     pub waiters: Arc<bus::Waiters>,
     /// Wakes the dispatcher.
-    pub dispatch_wake: Arc<Notify>,
+    pub dispatch_wake: Arc<dispatcher::Wake>,
     /// Fired at shutdown.
     pub shutdown: CancellationToken,
     /// Signs and verifies instance tokens.
@@ -54,6 +54,10 @@ pub struct AppState {
     pub org_events: tokio::sync::broadcast::Sender<bus::OrgSignal>,
     /// Bundle bytes (local directory or S3).
     pub bundles: Arc<paddock_bundle::BundleStore>,
+    /// API tokens resolved recently.
+    pub tokens: Arc<auth::TokenCache>,
+    /// Group commit of submitted tasks.
+    pub(crate) inserter: inserter::Inserter,
 }
 
 /// The router for a state: routes depend on the role.
@@ -110,6 +114,7 @@ impl Gateway {
                 paddock_bundle::BundleStore::local(&std::env::temp_dir().join("paddock-objects"))?
             }
         };
+        let (inserter, inserts) = inserter::channel();
         let state = AppState {
             cfg: Arc::new(cfg),
             store,
@@ -121,9 +126,12 @@ impl Gateway {
             signer: Arc::new(vm_token::TokenSigner::new(key.into_bytes())),
             org_events: tokio::sync::broadcast::channel(1024).0,
             bundles: Arc::new(bundles),
+            tokens: Arc::default(),
+            inserter,
         };
         let workers = TaskTracker::new();
         workers.spawn(bus::listen(state.clone()));
+        workers.spawn(inserter::run(state.clone(), inserts));
         workers.spawn(workers::presence(state.clone()));
         if state.cfg.role.is_edge() {
             workers.spawn(dispatcher::run(state.clone()));

@@ -26,6 +26,7 @@ use crate::api::{agents, bundles, instances, orgs, pools, spawn, system, tasks};
         agents::issue_managed,
         agents::revoke_managed,
         tasks::submit,
+        tasks::submit_batch,
         tasks::run,
         tasks::internal_dispatch,
         tasks::get,

@@ -130,6 +130,7 @@ impl Harness {
         self.state
             .store
             .insert_task(&NewTask {
+                id: None,
                 org_id: org_id.to_string(),
                 spec: spec.clone(),
                 max_attempts: 2,

@@ -26,8 +26,8 @@ pub use instances::{
 };
 pub use orgs::{ApiPrincipal, Org, Role};
 pub use tasks::{
-    ClaimRequest, ClaimedTask, EventRow, NewTask, OutputRow, ReapedTask, StateCount, TaskRow,
-    TaskState,
+    ClaimRequest, ClaimedTask, EventRow, INSERT_CHUNK, NewTask, OutputRow, ReapedTask, StateCount,
+    TaskRow, TaskState, new_task_id,
 };
 
 /// Which database is behind the pool.

@@ -84,6 +84,9 @@ impl TaskState {
 /// A task to insert.
 #[derive(Debug, Clone)]
 pub struct NewTask {
+    /// Its id, when the caller chose it beforehand (from [`new_task_id`], e.g. to wait on it
+    /// before it exists); `None`: a new one.
+    pub id: Option<String>,
     /// Org.
     pub org_id: String,
     /// Validated spec.
@@ -92,6 +95,11 @@ pub struct NewTask {
     pub max_attempts: u32,
     /// The task fails with `QUEUE_TIMEOUT` if not dispatched by then (ms since epoch).
     pub queue_deadline_at: i64,
+}
+
+/// A new task id: a UUID v7, so ids sort by submission time.
+pub fn new_task_id() -> String {
+    uuid::Uuid::now_v7().to_string()
 }
 
 /// A stored task.
@@ -259,35 +267,100 @@ fn task_from_row(r: &AnyRow) -> Result<TaskRow> {
     })
 }
 
+/// Most rows in one multi-row `INSERT` of tasks (9 bound values each: well under SQLite's
+/// and PostgreSQL's limits on bound parameters).
+pub const INSERT_CHUNK: usize = 256;
+
 impl Store {
     /// Inserts a queued task and returns its id (UUID v7, so ids sort by submission time).
     ///
     /// # Errors
     /// Database failure.
     pub async fn insert_task(&self, task: &NewTask) -> Result<String> {
-        let id = uuid::Uuid::now_v7().to_string();
+        let mut ids = self.insert_tasks(std::slice::from_ref(task)).await?;
+        ids.pop()
+            .ok_or_else(|| corrupt("tasks", "an insert returned no id"))
+    }
+
+    /// Inserts queued tasks with multi-row `INSERT`s of up to [`INSERT_CHUNK`] rows, in one
+    /// transaction when there is more than one (one commit for a whole batch), and returns their ids in order.
+    /// All or none are stored.
+    ///
+    /// # Errors
+    /// Database failure, or a spec that does not serialise.
+    pub async fn insert_tasks(&self, tasks: &[NewTask]) -> Result<Vec<String>> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
         let now = paddock_proto::now_ms();
-        let required_tag = task
-            .spec
-            .selector
-            .as_ref()
-            .and_then(|s| s.required_tag().ok().flatten());
-        let spec = serde_json::to_string(&task.spec).map_err(|e| corrupt("tasks.spec", e))?;
-        sqlx::query(
-            "INSERT INTO tasks (id, org_id, kind, required_tag, backend, spec, state, attempt, max_attempts, queue_deadline_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, 'queued', 0, $7, $8, $9, $9)",
-        )
-        .bind(&id)
-        .bind(&task.org_id)
-        .bind(&task.spec.kind)
-        .bind(required_tag)
-        .bind(task.spec.sandbox.backend.clone())
-        .bind(spec)
-        .bind(i64::from(task.max_attempts.max(1)))
-        .bind(task.queue_deadline_at)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        Ok(id)
+        let mut ids = Vec::with_capacity(tasks.len());
+        let mut rows = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            let id = task.id.clone().unwrap_or_else(new_task_id);
+            let required_tag = task
+                .spec
+                .selector
+                .as_ref()
+                .and_then(|s| s.required_tag().ok().flatten());
+            let spec = serde_json::to_string(&task.spec).map_err(|e| corrupt("tasks.spec", e))?;
+            rows.push((id.clone(), task, required_tag, spec));
+            ids.push(id);
+        }
+        let statement = |n: usize| {
+            let mut sql = String::from(
+                "INSERT INTO tasks (id, org_id, kind, required_tag, backend, spec, state, attempt, max_attempts, queue_deadline_at, created_at, updated_at) VALUES ",
+            );
+            for i in 0..n {
+                let b = i * 9;
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${}, 'queued', 0, ${}, ${}, ${}, ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6,
+                    b + 7,
+                    b + 8,
+                    b + 9,
+                    b + 9
+                ));
+            }
+            sql
+        };
+        // One statement is atomic on its own; more need a transaction.
+        let mut tx = if rows.len() > INSERT_CHUNK {
+            Some(self.pool.begin().await?)
+        } else {
+            None
+        };
+        for chunk in rows.chunks(INSERT_CHUNK) {
+            let sql = statement(chunk.len());
+            let mut q = sqlx::query(&sql);
+            for (id, task, required_tag, spec) in chunk {
+                q = q
+                    .bind(id.as_str())
+                    .bind(task.org_id.as_str())
+                    .bind(task.spec.kind.as_str())
+                    .bind(required_tag.as_deref())
+                    .bind(task.spec.sandbox.backend.as_deref())
+                    .bind(spec.as_str())
+                    .bind(i64::from(task.max_attempts.max(1)))
+                    .bind(task.queue_deadline_at)
+                    .bind(now);
+            }
+            match tx.as_mut() {
+                Some(tx) => q.execute(&mut **tx).await?,
+                None => q.execute(&self.pool).await?,
+            };
+        }
+        if let Some(tx) = tx {
+            tx.commit().await?;
+        }
+        Ok(ids)
     }
 
     /// One task of an org.

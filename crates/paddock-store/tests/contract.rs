@@ -50,6 +50,7 @@ contract!(
     user_instance_bootstrap_attempts_cooldown_and_failure,
     instance_claims_are_targeted_gated_and_counted,
     gateway_secret_is_shared_and_stable,
+    batched_inserts_keep_order_and_are_all_or_none,
 );
 
 fn shell(argv: &[&str]) -> TaskSpec {
@@ -70,6 +71,7 @@ fn shell(argv: &[&str]) -> TaskSpec {
 
 fn new_task(org: &str, spec: TaskSpec) -> NewTask {
     NewTask {
+        id: None,
         org_id: org.into(),
         spec,
         max_attempts: 2,
@@ -1660,3 +1662,46 @@ use instances::{
     gateway_secret_is_shared_and_stable, instance_claims_are_targeted_gated_and_counted,
     pools_upsert_and_cap_live_instances, user_instance_bootstrap_attempts_cooldown_and_failure,
 };
+
+async fn batched_inserts_keep_order_and_are_all_or_none(store: Store) {
+    let org = store.create_org("acme").await.unwrap();
+    // More than one multi-row statement's worth, so the transaction path runs.
+    let n = paddock_store::INSERT_CHUNK + 44;
+    let tasks: Vec<NewTask> = (0..n)
+        .map(|i| new_task(&org.id, shell(&["echo", &i.to_string()])))
+        .collect();
+    let ids = store.insert_tasks(&tasks).await.unwrap();
+    assert_eq!(ids.len(), n);
+    for i in [0, paddock_store::INSERT_CHUNK, n - 1] {
+        let t = store.get_task(&org.id, &ids[i]).await.unwrap().unwrap();
+        assert_eq!(t.state, TaskState::Queued);
+        assert_eq!(
+            t.spec.shell.unwrap().argv,
+            strings(&["echo", &i.to_string()])
+        );
+    }
+    // Ids sort in submission order.
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(sorted, ids);
+
+    // A caller-chosen id is kept.
+    let mut chosen = new_task(&org.id, shell(&["true"]));
+    let id = paddock_store::new_task_id();
+    chosen.id = Some(id.clone());
+    assert_eq!(store.insert_task(&chosen).await.unwrap(), id);
+
+    // A duplicate id in the second statement: the whole batch is refused, the first
+    // statement's rows included.
+    let before = store.list_tasks(&org.id, None, 500).await.unwrap().len();
+    let mut bad: Vec<NewTask> = (0..n)
+        .map(|_| new_task(&org.id, shell(&["true"])))
+        .collect();
+    bad[n - 1].id = Some(id.clone());
+    assert!(store.insert_tasks(&bad).await.is_err());
+    assert_eq!(
+        store.list_tasks(&org.id, None, 500).await.unwrap().len(),
+        before
+    );
+    assert!(store.insert_tasks(&[]).await.unwrap().is_empty());
+}

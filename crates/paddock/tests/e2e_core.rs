@@ -19,6 +19,8 @@ on_both_databases!(
     cross_org_access_is_denied_everywhere,
     results_are_deleted_after_ttl,
     cancel_running_task_kills_it,
+    revoked_api_token_is_refused_at_once,
+    batch_submission_is_all_or_none,
 );
 
 async fn setup(db: Db, env: &[(&str, &str)]) -> Option<(GatewayProc, Org, tempfile::TempDir)> {
@@ -612,4 +614,125 @@ async fn tasks_route_to_agents_offering_their_backend() {
     // No agent offers `vm`.
     let r = org.post(&org.p("/tasks/run"), json!({"kind": "agent.execute", "sandbox": {"backend": "vm"}, "shell": {"argv": ["true"]}})).await;
     assert_eq!((r.status, r.code()), (503, "NO_AGENT_AVAILABLE"));
+}
+
+/// The gateway caches valid API tokens; a revoked one must still be refused on the very next
+/// request, on every route that authenticates a token.
+async fn revoked_api_token_is_refused_at_once(db: Db) {
+    let Some((_gw, org, _d)) = setup(db, &[]).await else {
+        return;
+    };
+    let made = org
+        .post(&org.p("/tokens"), json!({"name": "ci", "role": "member"}))
+        .await;
+    assert_eq!(made.status, 201, "{made:?}");
+    let (token, token_id) = (
+        made.body["token"].as_str().unwrap().to_string(),
+        made.body["id"].as_str().unwrap().to_string(),
+    );
+    // Used (and so cached) on an org route and on /v1/whoami.
+    for _ in 0..2 {
+        let listed = org
+            .call_as(&token, Some(&org.id), Method::GET, &org.p("/tasks"), None)
+            .await;
+        assert_eq!(listed.status, 200, "{listed:?}");
+        let who = org
+            .call_as(&token, None, Method::GET, "/v1/whoami", None)
+            .await;
+        assert_eq!(who.body["tokenId"], token_id.as_str(), "{who:?}");
+    }
+    let revoked = org
+        .call(Method::DELETE, &org.p(&format!("/tokens/{token_id}")), None)
+        .await;
+    assert_eq!(revoked.status, 204, "{revoked:?}");
+    let listed = org
+        .call_as(&token, Some(&org.id), Method::GET, &org.p("/tasks"), None)
+        .await;
+    assert_eq!((listed.status, listed.code()), (401, "UNAUTHORIZED"));
+    let who = org
+        .call_as(&token, None, Method::GET, "/v1/whoami", None)
+        .await;
+    assert_eq!((who.status, who.code()), (401, "UNAUTHORIZED"));
+    // A wrong token that shares the valid one's prefix is refused too, and the owner's token
+    // still works.
+    let forged = format!("{}x", &token[..token.len() - 1]);
+    let bad = org
+        .call_as(&forged, Some(&org.id), Method::GET, &org.p("/tasks"), None)
+        .await;
+    assert_eq!(bad.status, 401);
+    assert_eq!(org.get(&org.p("/tasks")).await.status, 200);
+}
+
+/// `POST .../tasks/batch` stores every task or none, in order, and its tasks run.
+async fn batch_submission_is_all_or_none(db: Db) {
+    let Some((_gw, org, _d)) = setup(db, &[]).await else {
+        return;
+    };
+    let count = |org: Org| async move {
+        org.get(&org.p("/tasks?limit=500")).await.body["tasks"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    // One bad spec (index 2): 400 naming it, nothing stored.
+    let bad = org
+        .post(
+            &org.p("/tasks/batch"),
+            json!({"tasks": [
+                sh("echo 0"),
+                sh("echo 1"),
+                {"kind": "agent.execute", "shell": {"script": "true"},
+                 "selector": {"tag": "a", "group": "b"}},
+            ]}),
+        )
+        .await;
+    assert_eq!(
+        (bad.status, bad.code()),
+        (400, "INVALID_REQUEST"),
+        "{bad:?}"
+    );
+    assert!(
+        bad.body["message"].as_str().unwrap().contains("tasks[2]"),
+        "{bad:?}"
+    );
+    assert_eq!(count(org.clone()).await, 0);
+    for (body, what) in [
+        (json!({"tasks": []}), "empty"),
+        (json!({"tasks": vec![sh("true"); 1001]}), "over 1,000"),
+    ] {
+        let r = org.post(&org.p("/tasks/batch"), body).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (400, "INVALID_REQUEST"),
+            "{what}: {r:?}"
+        );
+    }
+    assert_eq!(count(org.clone()).await, 0);
+
+    // 300 good ones (more than one multi-row INSERT): 202, one id each, in order.
+    let specs: Vec<_> = (0..300).map(|i| sh(&format!("echo {i}"))).collect();
+    let ok = org
+        .post(&org.p("/tasks/batch"), json!({ "tasks": specs }))
+        .await;
+    assert_eq!(ok.status, 202, "{ok:?}");
+    let ids: Vec<String> = ok.body["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            assert_eq!(t["state"], "queued");
+            t["taskId"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(ids.len(), 300);
+    let mut sorted = ids.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 300, "ids are distinct");
+    assert_eq!(count(org.clone()).await, 300);
+    // They run, each with its own spec.
+    let _agent = AgentProc::pair(&org, &[], &[]).await;
+    for i in [0usize, 150, 299] {
+        let t = org.wait_done(&ids[i], Duration::from_secs(30)).await;
+        assert_eq!(t["result"]["stdout"], format!("{i}\n"), "{t}");
+    }
 }

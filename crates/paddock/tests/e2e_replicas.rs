@@ -144,3 +144,61 @@ async fn replicas_never_dispatch_one_attempt_twice() {
         "work spread over the agents of both replicas"
     );
 }
+
+/// Replicas cache valid API tokens; a token revoked through A is refused by B at once (the
+/// revocation travels by NOTIFY), not only when B's cache entry expires (10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_revoked_on_a_is_refused_by_b_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(url) = fresh_db(Db::Postgres, dir.path()).await else {
+        return;
+    };
+    let a = GatewayProc::start(&url, &[]).await;
+    let b = GatewayProc::start(&url, &[]).await;
+    let org_a = a.create_org("acme").await;
+    let org_b = Org {
+        url: b.url.clone(),
+        ..org_a.clone()
+    };
+    let made = org_a
+        .post(&org_a.p("/tokens"), json!({"name": "ci", "role": "member"}))
+        .await;
+    assert_eq!(made.status, 201, "{made:?}");
+    let token = made.body["token"].as_str().unwrap().to_string();
+    let token_id = made.body["id"].as_str().unwrap().to_string();
+    let tasks_path = org_b.p("/tasks");
+    let list_on_b = || {
+        org_b.call_as(
+            &token,
+            Some(&org_b.id),
+            reqwest::Method::GET,
+            &tasks_path,
+            None,
+        )
+    };
+    // B has resolved (and cached) the token.
+    assert_eq!(list_on_b().await.status, 200);
+    let revoked = org_a
+        .call(
+            reqwest::Method::DELETE,
+            &org_a.p(&format!("/tokens/{token_id}")),
+            None,
+        )
+        .await;
+    assert_eq!(revoked.status, 204, "{revoked:?}");
+    let t0 = Instant::now();
+    loop {
+        let r = list_on_b().await;
+        if r.status == 401 {
+            assert_eq!(r.code(), "UNAUTHORIZED");
+            break;
+        }
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "B still accepts the revoked token after {:?}",
+            t0.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -38,13 +38,7 @@ pub(crate) async fn vm_principal(
     state: &AppState,
     headers: &HeaderMap,
 ) -> Result<ApiPrincipal, ApiError> {
-    let token = crate::auth::bearer(headers)
-        .ok_or_else(|| ApiError::unauthorized("missing `Authorization: Bearer <token>`"))?;
-    let principal = state
-        .store
-        .authenticate_api_token(token)
-        .await?
-        .ok_or_else(|| ApiError::unauthorized("unknown or revoked API token"))?;
+    let principal = crate::auth::api_principal(state, headers).await?;
     if let Some(h) = headers.get("x-org-id").and_then(|v| v.to_str().ok())
         && h != principal.org_id
     {

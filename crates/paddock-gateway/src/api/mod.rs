@@ -46,6 +46,7 @@ pub(crate) fn edge_routes(state: &AppState) -> Router<AppState> {
             post(tasks::submit).get(tasks::list),
         )
         .route("/v1/orgs/{org_id}/tasks/run", post(tasks::run))
+        .route("/v1/orgs/{org_id}/tasks/batch", post(tasks::submit_batch))
         .route("/v1/orgs/{org_id}/tasks/{task_id}", get(tasks::get))
         .route(
             "/v1/orgs/{org_id}/tasks/{task_id}/output",

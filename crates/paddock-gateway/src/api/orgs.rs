@@ -136,6 +136,13 @@ pub(crate) async fn revoke_token(
 ) -> Result<StatusCode, ApiError> {
     require_role(&principal, Role::Admin)?;
     if state.store.revoke_api_token(&org_id, &token_id).await? {
+        crate::bus::publish(
+            &state,
+            crate::bus::BusEvent::ApiTokenRevoked {
+                token: token_id.clone(),
+            },
+        )
+        .await;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found("token"))
@@ -161,13 +168,7 @@ pub(crate) async fn whoami(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<WhoAmI>, ApiError> {
-    let token = crate::auth::bearer(&headers)
-        .ok_or_else(|| ApiError::unauthorized("missing `Authorization: Bearer <token>`"))?;
-    let p = state
-        .store
-        .authenticate_api_token(token)
-        .await?
-        .ok_or_else(|| ApiError::unauthorized("unknown or revoked API token"))?;
+    let p = crate::auth::api_principal(&state, &headers).await?;
     Ok(Json(WhoAmI {
         org_id: p.org_id,
         role: p.role.as_str().into(),

@@ -43,32 +43,28 @@ fn validate(spec: &TaskSpec) -> Result<(), ApiError> {
     spec.validate().map_err(ApiError::invalid)
 }
 
+/// The stored form of a submission: the spec with the gateway's defaults applied.
+fn new_task(state: &AppState, org_id: &str, spec: TaskSpec) -> NewTask {
+    let queue_timeout = spec
+        .queue_timeout_ms
+        .map_or(state.cfg.queue_timeout, Duration::from_millis);
+    NewTask {
+        id: None,
+        org_id: org_id.to_string(),
+        max_attempts: spec.max_attempts.unwrap_or(state.cfg.max_attempts),
+        queue_deadline_at: now_ms() + queue_timeout.as_millis() as i64,
+        spec,
+    }
+}
+
+/// Stores a queued task (group-committed with concurrent submissions, see
+/// [`crate::inserter`]) and wakes the dispatchers; returns its id.
 pub(crate) async fn insert(
     state: &AppState,
     org_id: &str,
     spec: TaskSpec,
 ) -> Result<String, ApiError> {
-    let queue_timeout = spec
-        .queue_timeout_ms
-        .map_or(state.cfg.queue_timeout, Duration::from_millis);
-    let max_attempts = spec.max_attempts.unwrap_or(state.cfg.max_attempts);
-    let id = state
-        .store
-        .insert_task(&NewTask {
-            org_id: org_id.to_string(),
-            spec,
-            max_attempts,
-            queue_deadline_at: now_ms() + queue_timeout.as_millis() as i64,
-        })
-        .await?;
-    bus::publish(
-        state,
-        BusEvent::TaskReady {
-            org: org_id.to_string(),
-        },
-    )
-    .await;
-    Ok(id)
+    state.inserter.insert(new_task(state, org_id, spec)).await
 }
 
 /// Query of `POST .../tasks`.
@@ -105,6 +101,74 @@ pub(crate) async fn submit(
         Json(Submitted {
             task_id,
             state: "queued",
+        }),
+    ))
+}
+
+/// Most tasks in one `POST .../tasks/batch`.
+pub(crate) const BATCH_MAX: usize = 1000;
+
+/// Body of `POST .../tasks/batch`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BatchSubmit {
+    /// Task specs (docs/protocol.md), 1 to 1,000.
+    #[schema(value_type = Vec<Object>)]
+    pub tasks: Vec<TaskSpec>,
+}
+
+/// Answer to a batch submission.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct BatchSubmitted {
+    /// One entry per submitted spec, in order.
+    pub tasks: Vec<Submitted>,
+}
+
+/// Queues up to 1,000 tasks in one request, all or none: every spec is checked first (a bad
+/// one answers `400` naming its index and nothing is stored), then all are stored in one
+/// transaction. Same semantics per task as `POST .../tasks` (without `requireAgent`).
+#[utoipa::path(post, path = "/v1/orgs/{org_id}/tasks/batch", request_body = BatchSubmit,
+    params(("org_id" = String, Path), ("X-Org-Id" = String, Header)),
+    responses((status = 202, body = BatchSubmitted), (status = 400, body = crate::error::ErrorResponse)))]
+pub(crate) async fn submit_batch(
+    State(state): State<AppState>,
+    Extension(principal): Extension<ApiPrincipal>,
+    Path(org_id): Path<String>,
+    headers: HeaderMap,
+    AppJson(body): AppJson<BatchSubmit>,
+) -> Result<(StatusCode, Json<BatchSubmitted>), ApiError> {
+    require_role(&principal, Role::Member)?;
+    if body.tasks.is_empty() || body.tasks.len() > BATCH_MAX {
+        return Err(ApiError::invalid(format!(
+            "`tasks` must hold 1 to {BATCH_MAX} task specs (got {})",
+            body.tasks.len()
+        )));
+    }
+    let mut new = Vec::with_capacity(body.tasks.len());
+    for (i, mut spec) in body.tasks.into_iter().enumerate() {
+        spec.validate()
+            .map_err(|e| ApiError::invalid(format!("tasks[{i}]: {e}")))?;
+        resolve_instance(&state, Some(&principal), &headers, &org_id, &mut spec).await?;
+        new.push(new_task(&state, &org_id, spec));
+    }
+    let ids = state.store.insert_tasks(&new).await?;
+    bus::publish(
+        &state,
+        BusEvent::TaskReady {
+            org: org_id.clone(),
+        },
+    )
+    .await;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(BatchSubmitted {
+            tasks: ids
+                .into_iter()
+                .map(|task_id| Submitted {
+                    task_id,
+                    state: "queued",
+                })
+                .collect(),
         }),
     ))
 }
@@ -229,8 +293,22 @@ async fn submit_and_wait(
         return Err(no_agent());
     }
     let wait = Duration::from_millis(wait_ms.unwrap_or(spec.timeout_ms() + 30_000));
-    let task_id = insert(state, org_id, spec).await?;
-    let task = wait_terminal(state, org_id, &task_id, wait).await?;
+    // Subscribed before the task exists, so no change can be missed, and the first look is
+    // after the first change (a task just stored is `queued`: no need to read it back).
+    let task_id = paddock_store::new_task_id();
+    let notify = state.waiters.subscribe_changes(&task_id);
+    let notified = notify.notified();
+    let mut new = new_task(state, org_id, spec);
+    new.id = Some(task_id.clone());
+    state.inserter.insert(new).await?;
+    let deadline = tokio::time::Instant::now() + wait;
+    tokio::select! {
+        () = notified => {}
+        () = tokio::time::sleep(Duration::from_millis(1000)) => {}
+        () = tokio::time::sleep_until(deadline) => {}
+        () = state.shutdown.cancelled() => {}
+    }
+    let task = wait_terminal(state, org_id, &task_id, deadline).await?;
     let status = if task.state.is_terminal() {
         StatusCode::OK
     } else {
@@ -239,15 +317,14 @@ async fn submit_and_wait(
     Ok((status, Json(task)))
 }
 
-/// Waits until the task is finished or `wait` passes; returns its latest row.
+/// Waits until the task is finished or `deadline` passes; returns its latest row.
 pub(crate) async fn wait_terminal(
     state: &AppState,
     org_id: &str,
     task_id: &str,
-    wait: Duration,
+    deadline: tokio::time::Instant,
 ) -> Result<TaskRow, ApiError> {
     let notify = state.waiters.subscribe_changes(task_id);
-    let deadline = tokio::time::Instant::now() + wait;
     loop {
         let notified = notify.notified();
         tokio::pin!(notified);
