@@ -87,6 +87,9 @@ struct Envelope {
 pub struct Waiters {
     all: Registry,
     changes: Registry,
+    /// Rows of tasks finished on this replica that a submit-and-wait is waiting for, handed
+    /// over so the waiter need not read them back.
+    finished: Mutex<HashMap<String, paddock_store::TaskRow>>,
 }
 
 #[derive(Debug, Default)]
@@ -109,6 +112,14 @@ impl Registry {
         let n = Arc::new(Notify::new());
         map.insert(task_id.to_string(), Arc::downgrade(&n));
         n
+    }
+
+    fn is_subscribed(&self, task_id: &str) -> bool {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(task_id)
+            .is_some_and(|w| w.strong_count() > 0)
     }
 
     fn notify(&self, task_id: &str) {
@@ -136,6 +147,29 @@ impl Waiters {
     /// Progress of a task (dispatched, started, output): wakes [`Waiters::subscribe`]rs.
     pub fn notify(&self, task_id: &str) {
         self.all.notify(task_id);
+    }
+
+    /// Keeps a finished task's row for its waiter, if one is subscribed to its changes.
+    pub fn offer_finished(&self, row: paddock_store::TaskRow) {
+        if self.changes.is_subscribed(&row.id) {
+            let mut map = self
+                .finished
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if map.len() > 1024 {
+                // Waiters that gave up before taking theirs.
+                map.retain(|id, _| self.changes.is_subscribed(id));
+            }
+            map.insert(row.id.clone(), row);
+        }
+    }
+
+    /// The row [`Waiters::offer_finished`] kept for a task, once.
+    pub fn take_finished(&self, task_id: &str) -> Option<paddock_store::TaskRow> {
+        self.finished
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(task_id)
     }
 
     /// A state change (`TaskChanged`): wakes every subscriber.

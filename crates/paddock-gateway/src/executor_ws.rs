@@ -653,9 +653,11 @@ async fn finish_results(
             )
         })?;
     let mut acks = Vec::with_capacity(results.len());
-    for (r, stored) in results.into_iter().zip(stored) {
+    for (r, row) in results.into_iter().zip(stored) {
         handle.finish_attempt(&r.task_id, r.attempt);
-        if stored {
+        let stored = row.is_some();
+        if let Some(row) = row {
+            state.waiters.offer_finished(row);
             let label = crate::metrics::StateLabel {
                 state: format!("{:?}", r.status).to_lowercase(),
             };

@@ -670,42 +670,46 @@ impl Store {
         result: &TaskResult,
         ttl_ms: i64,
     ) -> Result<bool> {
-        let done = complete_query(org_id, agent_id, result, ttl_ms)?
-            .execute(&self.pool)
+        let row = complete_query(org_id, agent_id, result, ttl_ms)?
+            .fetch_optional(&self.pool)
             .await?;
-        Ok(done.rows_affected() == 1)
+        Ok(row.is_some())
     }
 
     /// [`Store::complete_task`] for several results of one agent, in one transaction (one
-    /// commit for all that arrived together). Returns, in order, whether each was stored.
+    /// commit for all that arrived together). Returns, in order, the stored task's row for
+    /// each result that was stored (so a waiter need not read it back), `None` for each that
+    /// was not.
     ///
     /// # Errors
-    /// Database failure (then none is stored).
+    /// Database failure (then none is stored), or a corrupt row.
     pub async fn complete_tasks(
         &self,
         org_id: &str,
         agent_id: &str,
         results: &[TaskResult],
         ttl_ms: i64,
-    ) -> Result<Vec<bool>> {
-        match results {
-            [] => return Ok(Vec::new()),
-            [one] => {
-                return Ok(vec![
-                    self.complete_task(org_id, agent_id, one, ttl_ms).await?,
-                ]);
-            }
-            _ => {}
-        }
-        let mut tx = self.pool.begin().await?;
+    ) -> Result<Vec<Option<TaskRow>>> {
         let mut stored = Vec::with_capacity(results.len());
-        for r in results {
-            let done = complete_query(org_id, agent_id, r, ttl_ms)?
-                .execute(&mut *tx)
-                .await?;
-            stored.push(done.rows_affected() == 1);
+        match results {
+            [] => {}
+            [one] => {
+                let row = complete_query(org_id, agent_id, one, ttl_ms)?
+                    .fetch_optional(&self.pool)
+                    .await?;
+                stored.push(row.as_ref().map(task_from_row).transpose()?);
+            }
+            _ => {
+                let mut tx = self.pool.begin().await?;
+                for r in results {
+                    let row = complete_query(org_id, agent_id, r, ttl_ms)?
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    stored.push(row.as_ref().map(task_from_row).transpose()?);
+                }
+                tx.commit().await?;
+            }
         }
-        tx.commit().await?;
         Ok(stored)
     }
 
@@ -1070,6 +1074,9 @@ impl Store {
 }
 
 /// The statement of [`Store::complete_task`] for `result`, bound.
+/// The completion statement (built once: `sqlx::query` needs a `&'static str` here).
+static COMPLETE_SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 fn complete_query<'q>(
     org_id: &'q str,
     agent_id: &'q str,
@@ -1079,10 +1086,13 @@ fn complete_query<'q>(
     let state = TaskState::from_result(result.status);
     let now = paddock_proto::now_ms();
     let json = serde_json::to_string(result).map_err(|e| corrupt("tasks.result", e))?;
-    Ok(sqlx::query(
-        "UPDATE tasks SET state = $1, finished_at = $2, updated_at = $2, started_at = COALESCE(started_at, $3), exit_code = $4, error_code = $5, error_message = $6, result = $7, expires_at = $8, lease_expires_at = NULL \
-         WHERE id = $9 AND org_id = $10 AND attempt = $11 AND state IN ('queued', 'dispatched', 'running') AND agent_id = $12",
-    )
+    Ok(sqlx::query(COMPLETE_SQL.get_or_init(|| {
+        format!(
+            "UPDATE tasks SET state = $1, finished_at = $2, updated_at = $2, started_at = COALESCE(started_at, $3), exit_code = $4, error_code = $5, error_message = $6, result = $7, expires_at = $8, lease_expires_at = NULL \
+             WHERE id = $9 AND org_id = $10 AND attempt = $11 AND state IN ('queued', 'dispatched', 'running') AND agent_id = $12 \
+             RETURNING {TASK_COLUMNS}"
+        )
+    }))
     .bind(state.as_str())
     .bind(now)
     .bind(result.started_at_ms)

@@ -540,13 +540,26 @@ async fn batched_results_are_judged_one_by_one(store: Store) {
         )
         .await
         .unwrap();
-    assert_eq!(stored, vec![true, false, true, false]);
+    let flags: Vec<bool> = stored.iter().map(Option::is_some).collect();
+    assert_eq!(flags, vec![true, false, true, false]);
+    // A stored result comes back as the task's new row.
+    let row0 = stored[0].as_ref().unwrap();
+    assert_eq!(
+        (row0.id.as_str(), row0.state, row0.exit_code, row0.attempt),
+        (ids[0].as_str(), TaskState::Succeeded, Some(0), 1)
+    );
+    assert_eq!(stored[2].as_ref().unwrap().state, TaskState::Failed);
     let t0 = store.get_task(&org.id, &ids[0]).await.unwrap().unwrap();
     assert_eq!((t0.state, t0.exit_code), (TaskState::Succeeded, Some(0)));
     let t1 = store.get_task(&org.id, &ids[1]).await.unwrap().unwrap();
     assert_eq!(t1.state, TaskState::Dispatched);
     let t2 = store.get_task(&org.id, &ids[2]).await.unwrap().unwrap();
     assert_eq!((t2.state, t2.exit_code), (TaskState::Failed, Some(3)));
+    assert_eq!(
+        stored[2].as_ref(),
+        Some(&t2),
+        "the returned row is the stored row"
+    );
     // A batch of one, and an empty batch.
     assert_eq!(
         store
@@ -557,7 +570,10 @@ async fn batched_results_are_judged_one_by_one(store: Store) {
                 60_000
             )
             .await
-            .unwrap(),
+            .unwrap()
+            .iter()
+            .map(Option::is_some)
+            .collect::<Vec<_>>(),
         vec![true]
     );
     assert!(

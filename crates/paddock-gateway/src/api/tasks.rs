@@ -329,7 +329,10 @@ pub(crate) async fn wait_terminal(
         let notified = notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let task = find_task(state, org_id, task_id).await?;
+        let task = match state.waiters.take_finished(task_id) {
+            Some(row) if row.org_id == org_id => row,
+            _ => find_task(state, org_id, task_id).await?,
+        };
         if task.state.is_terminal() || tokio::time::Instant::now() >= deadline {
             return Ok(task);
         }
