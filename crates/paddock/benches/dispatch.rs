@@ -5,6 +5,8 @@
 //!   agent runs `true`, result stored, caller answered), p50/p99 over `--roundtrips`;
 //! - (b) throughput: `--tasks` no-op tasks queued at once with `POST /tasks` (32 concurrent
 //!   submitters), timed until the gateway has stored every result; (c) the same with 2 agents;
+//!   (b') the same tasks queued with `POST /tasks/batch` (500 per request, 4 submitters) for
+//!   one agent declaring 64 slots;
 //! - (d) gateway RSS (`VmRSS`) with 1,000 and 10,000 idle agent sessions from an in-process
 //!   load generator (managed-executor tokens, `hello`, heartbeats);
 //! - floor: a WebSocket request/reply between two processes with the frame sizes of a no-op
@@ -232,6 +234,78 @@ async fn throughput(
     })
 }
 
+/// Tasks per `POST .../tasks/batch` in the batched throughput run.
+const BATCH: usize = 500;
+
+/// (b') `n` tasks queued with `POST .../tasks/batch` (`BATCH` per request, 4 submitters);
+/// seconds until every result is stored.
+async fn throughput_batched(
+    gw: &Gateway,
+    org: &procs::Org,
+    http: &reqwest::Client,
+    n: usize,
+) -> Value {
+    let done_before = gw.metric(http, "paddock_results_total").await;
+    let next = Arc::new(AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let mut submitters = Vec::new();
+    for _ in 0..4 {
+        let next = next.clone();
+        let org = org.clone();
+        let http = http.clone();
+        submitters.push(tokio::spawn(async move {
+            loop {
+                let from = next.fetch_add(BATCH, Ordering::Relaxed);
+                if from >= n {
+                    break;
+                }
+                let count = BATCH.min(n - from);
+                let body = json!({ "tasks": vec![task("noop"); count] });
+                let resp = org
+                    .post(&http, "/tasks/batch")
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+            }
+        }));
+    }
+    let submitted = async {
+        for s in submitters {
+            s.await.unwrap();
+        }
+        t0.elapsed()
+    };
+    let poll = async {
+        loop {
+            let done = gw.metric(http, "paddock_results_total").await - done_before;
+            if done >= n as f64 {
+                return t0.elapsed();
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(600),
+                "only {done} of {n} tasks finished in 600 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (submit_time, total) = tokio::join!(submitted, poll);
+    json!({
+        "tasks": n,
+        "batch": BATCH,
+        "agent_max_in_flight": BATCHED_AGENT_MAX_IN_FLIGHT,
+        "submit_s": submit_time.as_secs_f64(),
+        "total_s": total.as_secs_f64(),
+        "tasks_per_s": n as f64 / total.as_secs_f64(),
+        "rss_kib_after": gw.rss_kib(),
+    })
+}
+
+/// The agent's concurrency (`PADDOCK_AGENT_MAX_IN_FLIGHT`) in the batched run; the other
+/// runs use the default, 10.
+const BATCHED_AGENT_MAX_IN_FLIGHT: &str = "64";
+
 /// (d) Gateway RSS with idle agent sessions, at each count of `counts` (cumulative).
 async fn idle_rss(
     gw: &Gateway,
@@ -316,6 +390,25 @@ async fn bench_db(db: &str, a: &Args, http: &reqwest::Client) -> Value {
         out.insert("throughput_2".into(), t);
         a1.stop().await;
         a2.stop().await;
+        gw.stop().await;
+    }
+    if want("tput") {
+        let dir = tempfile::tempdir_in(&scratch).unwrap();
+        let gw = Gateway::start(&fresh_db(db, dir.path()).await, dir.path()).await;
+        let org = gw.create_org(http).await;
+        let agent = AgentProc::pair_with(
+            &org,
+            http,
+            1,
+            &[("PADDOCK_AGENT_MAX_IN_FLIGHT", BATCHED_AGENT_MAX_IN_FLIGHT)],
+        )
+        .await;
+        let t = throughput_batched(&gw, &org, http, a.tasks).await;
+        eprintln!(
+            "  [{db}] throughput, 1 agent (max in flight {BATCHED_AGENT_MAX_IN_FLIGHT}), batched submissions, noop: {t}"
+        );
+        out.insert("throughput_batch".into(), t);
+        agent.stop().await;
         gw.stop().await;
     }
     if want("idle") && !a.idle.is_empty() {

@@ -182,6 +182,16 @@ pub(crate) struct AgentProc {
 impl AgentProc {
     /// Pairs a new agent and returns once the org lists `expect_online` agents online.
     pub(crate) async fn pair(org: &Org, http: &reqwest::Client, expect_online: usize) -> AgentProc {
+        AgentProc::pair_with(org, http, expect_online, &[]).await
+    }
+
+    /// [`AgentProc::pair`] with extra environment for the agent.
+    pub(crate) async fn pair_with(
+        org: &Org,
+        http: &reqwest::Client,
+        expect_online: usize,
+        env: &[(&str, &str)],
+    ) -> AgentProc {
         let v: Value = org
             .post(http, "/agents/pairing-tokens")
             .send()
@@ -198,11 +208,11 @@ impl AgentProc {
         let child = Command::new(BIN)
             .args(["agent", "connect", "--api-base", &org.url])
             .args(["--pairing-token", &token])
-            .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HOME", home.path())
             .env("PADDOCK_AGENT_EXEC_BACKEND", "host")
             .env("PADDOCK_AGENT_LOG_LEVEL", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
             .kill_on_drop(true)
