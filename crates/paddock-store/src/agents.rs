@@ -237,7 +237,7 @@ impl Store {
         ))
         .bind(agent_id)
         .bind(org_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.read)
         .await?;
         row.as_ref().map(agent_from_row).transpose()
     }
@@ -263,7 +263,7 @@ impl Store {
             "SELECT {AGENT_COLUMNS} FROM agents WHERE org_id = $1 ORDER BY created_at, id"
         ))
         .bind(org_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?;
         rows.iter().map(agent_from_row).collect()
     }
@@ -278,7 +278,7 @@ impl Store {
         ))
         .bind(org_id)
         .bind(fresh_after)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?;
         rows.iter().map(agent_from_row).collect()
     }

@@ -78,11 +78,27 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 ];
 
 /// Handle to the database. Cheap to clone.
+///
+/// On a SQLite file, writes (and everything not marked as a read) go through one connection:
+/// SQLite has one writer at a time, and several writer connections in one process only meet
+/// `SQLITE_BUSY` and sleep in the busy handler (1 ms, then longer), while each commit also
+/// invalidates the other connections' page caches. A few read-only connections serve the
+/// frequent reads (task reads, lists, output, events). On PostgreSQL both are one pool.
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: AnyPool,
+    read: AnyPool,
     dialect: Dialect,
 }
+
+/// Read-only connections beside the writer on a SQLite file.
+const SQLITE_READERS: u32 = 4;
+
+/// Per-connection settings of a SQLite file: WAL, `synchronous=NORMAL` (a commit is durable
+/// against a process crash at once and against power loss from the next checkpoint), a busy
+/// timeout for the readers and other processes, foreign keys, and no memory map (it is
+/// remapped in every connection each time the file grows).
+const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000; PRAGMA foreign_keys=ON; PRAGMA mmap_size=0;";
 
 impl Store {
     /// Connects to `url` (`sqlite://path`, `sqlite::memory:`, `postgres://...`) and applies
@@ -107,21 +123,42 @@ impl Store {
             _ => url.to_string(),
         };
         let opts = AnyConnectOptions::from_str(&url)?;
-        let mut pool_opts = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
-        pool_opts = match dialect {
-            Dialect::Sqlite => pool_opts
-                .max_connections(if url.contains(":memory:") { 1 } else { 8 })
+        let sqlite_pool = |max: u32| {
+            AnyPoolOptions::new()
+                .acquire_timeout(Duration::from_secs(10))
+                .max_connections(max)
                 .after_connect(|conn, _| {
                     Box::pin(async move {
-                        conn.execute("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000; PRAGMA foreign_keys=ON; PRAGMA mmap_size=0;")
-                            .await?;
+                        conn.execute(SQLITE_PRAGMAS).await?;
                         Ok(())
                     })
-                }),
-            Dialect::Postgres => pool_opts.max_connections(16),
+                })
         };
-        let pool = pool_opts.connect_with(opts).await?;
-        let store = Store { pool, dialect };
+        let (pool, read) = match dialect {
+            Dialect::Sqlite => {
+                let pool = sqlite_pool(1).connect_with(opts.clone()).await?;
+                // An in-memory database exists once per connection: the writer serves all.
+                let read = if url.contains(":memory:") {
+                    pool.clone()
+                } else {
+                    sqlite_pool(SQLITE_READERS).connect_lazy_with(opts)
+                };
+                (pool, read)
+            }
+            Dialect::Postgres => {
+                let pool = AnyPoolOptions::new()
+                    .acquire_timeout(Duration::from_secs(10))
+                    .max_connections(16)
+                    .connect_with(opts)
+                    .await?;
+                (pool.clone(), pool)
+            }
+        };
+        let store = Store {
+            pool,
+            read,
+            dialect,
+        };
         store.migrate().await?;
         Ok(store)
     }

@@ -91,7 +91,7 @@ impl Store {
     pub async fn get_org(&self, id: &str) -> Result<Option<Org>> {
         let row = sqlx::query("SELECT id, name, created_at FROM orgs WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.read)
             .await?;
         Ok(row.map(|r| Org {
             id: r.get("id"),
@@ -106,7 +106,7 @@ impl Store {
     /// Database failure.
     pub async fn list_orgs(&self) -> Result<Vec<Org>> {
         let rows = sqlx::query("SELECT id, name, created_at FROM orgs ORDER BY created_at, id")
-            .fetch_all(&self.pool)
+            .fetch_all(&self.read)
             .await?;
         Ok(rows
             .into_iter()
@@ -153,7 +153,7 @@ impl Store {
             "SELECT id, org_id, role FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL",
         )
         .bind(secret::hash(token))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.read)
         .await?;
         Ok(row.and_then(|r| {
             let role: String = r.get("role");

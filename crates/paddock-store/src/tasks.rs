@@ -373,7 +373,7 @@ impl Store {
         ))
         .bind(task_id)
         .bind(org_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.read)
         .await?;
         row.as_ref().map(task_from_row).transpose()
     }
@@ -396,7 +396,7 @@ impl Store {
                 .bind(org_id)
                 .bind(s.as_str())
                 .bind(i64::from(limit))
-                .fetch_all(&self.pool)
+                .fetch_all(&self.read)
                 .await?
             }
             None => {
@@ -405,7 +405,7 @@ impl Store {
                 ))
                 .bind(org_id)
                 .bind(i64::from(limit))
-                .fetch_all(&self.pool)
+                .fetch_all(&self.read)
                 .await?
             }
         };
@@ -903,7 +903,7 @@ impl Store {
         .bind(i64::from(attempt))
         .bind(after_seq as i64)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?;
         Ok(rows
             .iter()
@@ -998,7 +998,7 @@ impl Store {
             "SELECT id, attempt, name, payload, created_at FROM task_events WHERE task_id = $1 ORDER BY id",
         )
         .bind(task_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?;
         rows.iter()
             .map(|r| {
@@ -1021,7 +1021,7 @@ impl Store {
     /// Database failure.
     pub async fn count_tasks_by_state(&self) -> Result<Vec<StateCount>> {
         let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state")
-            .fetch_all(&self.pool)
+            .fetch_all(&self.read)
             .await?;
         Ok(rows
             .iter()

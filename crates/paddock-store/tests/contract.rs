@@ -583,6 +583,72 @@ async fn batched_results_are_judged_one_by_one(store: Store) {
             .unwrap()
             .is_empty()
     );
+    // A wrong attempt before the right one for the same task, another agent's task, and a
+    // batch past one statement's worth (128): each judged on its own.
+    let more: Vec<String> = store
+        .insert_tasks(
+            &(0..130)
+                .map(|_| new_task(&org.id, shell(&["true"])))
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .claim_tasks(&a.req(&org.id, "a1", 64))
+            .await
+            .unwrap()
+            .len()
+            + store
+                .claim_tasks(&a.req(&org.id, "a1", 64))
+                .await
+                .unwrap()
+                .len()
+            + store
+                .claim_tasks(&a.req(&org.id, "a1", 64))
+                .await
+                .unwrap()
+                .len(),
+        130
+    );
+    let mut batch = vec![
+        result(&more[0], 7, ResultStatus::Failed, 1),
+        result(&more[0], 1, ResultStatus::Succeeded, 0),
+    ];
+    batch.extend(
+        more[1..]
+            .iter()
+            .map(|id| result(id, 1, ResultStatus::Succeeded, 0)),
+    );
+    let stored = store
+        .complete_tasks(&org.id, "a1", &batch, 60_000)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 131);
+    assert!(stored[0].is_none(), "the wrong attempt is not stored");
+    assert!(stored[1..].iter().all(Option::is_some));
+    let by_other = store
+        .complete_tasks(
+            &org.id,
+            "a2",
+            &[
+                result(&ids[1], 1, ResultStatus::Failed, 1),
+                result(&more[5], 1, ResultStatus::Failed, 1),
+            ],
+            60_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(by_other, vec![None, None]);
+    assert_eq!(
+        store
+            .get_task(&org.id, &more[0])
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        TaskState::Succeeded
+    );
 }
 
 async fn first_completion_wins(store: Store) {
