@@ -79,6 +79,25 @@ struct Envelope {
     event: BusEvent,
 }
 
+/// Several events in one notification (`publish_all`).
+#[derive(Debug, Serialize, Deserialize)]
+struct Batch {
+    from: String,
+    events: Vec<BusEvent>,
+}
+
+/// What a notification holds: one event (the form older replicas send too) or a batch.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Incoming {
+    Batch(Batch),
+    One(Envelope),
+}
+
+/// Most events in one notification: PostgreSQL caps a payload at 8000 bytes, and the
+/// largest event (`AgentTags` aside) is about 100.
+const EVENTS_PER_NOTIFY: usize = 40;
+
 /// Per-task wake-ups for long-polls and streams: [`Waiters::subscribe`] for every change
 /// (dispatch, start, output, end: the event stream), [`Waiters::subscribe_changes`] for
 /// state changes published on the bus (`TaskChanged`: a result stored, a cancel, a reap),
@@ -231,13 +250,36 @@ pub(crate) fn apply_local(state: &AppState, event: &BusEvent) {
 
 /// Publishes an event: applied locally at once, and sent to other replicas on PostgreSQL.
 pub(crate) async fn publish(state: &AppState, event: BusEvent) {
-    apply_local(state, &event);
-    if state.store.dialect() == paddock_store::Dialect::Postgres {
-        let payload = Envelope {
-            from: state.cfg.replica_id.clone(),
-            event,
-        };
-        let text = serde_json::to_string(&payload).unwrap_or_default();
+    publish_all(state, vec![event]).await;
+}
+
+/// Publishes events: each applied locally at once; on PostgreSQL sent to the other replicas
+/// in as few notifications as fit (one query for up to [`EVENTS_PER_NOTIFY`]), not one per
+/// event.
+pub(crate) async fn publish_all(state: &AppState, events: Vec<BusEvent>) {
+    for event in &events {
+        apply_local(state, event);
+    }
+    if state.store.dialect() != paddock_store::Dialect::Postgres || events.is_empty() {
+        return;
+    }
+    let from = &state.cfg.replica_id;
+    let mut payloads = Vec::new();
+    if let [event] = events.as_slice() {
+        payloads.push(serde_json::to_string(&Envelope {
+            from: from.clone(),
+            event: event.clone(),
+        }));
+    } else {
+        for chunk in events.chunks(EVENTS_PER_NOTIFY) {
+            payloads.push(serde_json::to_string(&Batch {
+                from: from.clone(),
+                events: chunk.to_vec(),
+            }));
+        }
+    }
+    for text in payloads {
+        let text = text.unwrap_or_default();
         if let Err(e) = sqlx::query("SELECT pg_notify($1, $2)")
             .bind(CHANNEL)
             .bind(text)
@@ -275,8 +317,13 @@ pub(crate) async fn listen(state: AppState) {
         loop {
             tokio::select! {
                 msg = listener.recv() => match msg {
-                    Ok(n) => match serde_json::from_str::<Envelope>(n.payload()) {
-                        Ok(env) if env.from != state.cfg.replica_id => apply_local(&state, &env.event),
+                    Ok(n) => match serde_json::from_str::<Incoming>(n.payload()) {
+                        Ok(Incoming::One(env)) if env.from != state.cfg.replica_id => apply_local(&state, &env.event),
+                        Ok(Incoming::Batch(b)) if b.from != state.cfg.replica_id => {
+                            for event in &b.events {
+                                apply_local(&state, event);
+                            }
+                        }
                         Ok(_) => {}
                         Err(e) => tracing::warn!("ignoring malformed bus event: {e}"),
                     },
@@ -288,5 +335,45 @@ pub(crate) async fn listen(state: AppState) {
                 () = state.shutdown.cancelled() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notifications_parse_as_one_event_or_a_batch() {
+        let one = serde_json::to_string(&Envelope {
+            from: "r1".into(),
+            event: BusEvent::TaskReady { org: "o".into() },
+        })
+        .unwrap();
+        match serde_json::from_str::<Incoming>(&one).unwrap() {
+            Incoming::One(env) => {
+                assert_eq!(
+                    (env.from.as_str(), env.event),
+                    ("r1", BusEvent::TaskReady { org: "o".into() })
+                );
+            }
+            Incoming::Batch(_) => panic!("a single event parsed as a batch"),
+        }
+        // A full batch of the events sent in batches fits PostgreSQL's 8000-byte payload.
+        let events: Vec<BusEvent> = (0..EVENTS_PER_NOTIFY)
+            .map(|_| BusEvent::TaskChanged {
+                task: uuid::Uuid::now_v7().to_string(),
+            })
+            .collect();
+        let batch = serde_json::to_string(&Batch {
+            from: uuid::Uuid::new_v4().to_string(),
+            events: events.clone(),
+        })
+        .unwrap();
+        assert!(batch.len() < 8000, "{} bytes", batch.len());
+        match serde_json::from_str::<Incoming>(&batch).unwrap() {
+            Incoming::Batch(b) => assert_eq!(b.events, events),
+            Incoming::One(_) => panic!("a batch parsed as one event"),
+        }
+        assert!(serde_json::from_str::<Incoming>(r#"{"from":"r1","k":"nope"}"#).is_err());
     }
 }

@@ -653,6 +653,8 @@ async fn finish_results(
             )
         })?;
     let mut acks = Vec::with_capacity(results.len());
+    let mut events = Vec::with_capacity(results.len() + 1);
+    let mut org_ready = false;
     for (r, row) in results.into_iter().zip(stored) {
         handle.finish_attempt(&r.task_id, r.attempt);
         let stored = row.is_some();
@@ -662,21 +664,15 @@ async fn finish_results(
                 state: format!("{:?}", r.status).to_lowercase(),
             };
             state.metrics.completed.get_or_create(&label).inc();
-            bus::publish(
-                state,
-                BusEvent::TaskChanged {
-                    task: r.task_id.clone(),
-                },
-            )
-            .await;
-            if state.cfg.org_max_inflight.is_some() {
-                bus::publish(
-                    state,
-                    BusEvent::TaskReady {
-                        org: agent.org_id.clone(),
-                    },
-                )
-                .await;
+            events.push(BusEvent::TaskChanged {
+                task: r.task_id.clone(),
+            });
+            if state.cfg.org_max_inflight.is_some() && !org_ready {
+                // A slot under the org cap freed: replicas holding other agents may dispatch.
+                org_ready = true;
+                events.push(BusEvent::TaskReady {
+                    org: agent.org_id.clone(),
+                });
             }
         } else {
             state.metrics.stale_results.inc();
@@ -691,6 +687,8 @@ async fn finish_results(
             stored,
         }));
     }
+    // Waiters here and on other replicas: one notification for the batch.
+    bus::publish_all(state, events).await;
     // Slots of this agent freed: only its org can use them.
     state.dispatch_wake.org(&agent.org_id);
     Ok(acks)

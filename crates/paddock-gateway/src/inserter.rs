@@ -113,15 +113,15 @@ async fn write(state: &AppState, batch: Vec<Pending>) {
         .filter(|(_, r)| r.is_ok())
         .map(|(t, _)| t.org_id.as_str())
         .collect();
-    for org in orgs {
-        bus::publish(
-            state,
-            BusEvent::TaskReady {
+    bus::publish_all(
+        state,
+        orgs.into_iter()
+            .map(|org| BusEvent::TaskReady {
                 org: org.to_string(),
-            },
-        )
-        .await;
-    }
+            })
+            .collect(),
+    )
+    .await;
     for (reply, result) in replies.into_iter().zip(results) {
         // A caller that went away no longer needs its answer; the task is stored anyway.
         let _ = reply.send(result);
