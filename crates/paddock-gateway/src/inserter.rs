@@ -127,3 +127,77 @@ async fn write(state: &AppState, batch: Vec<Pending>) {
         let _ = reply.send(result);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use paddock_proto::TaskSpec;
+    use paddock_store::TaskState;
+
+    use crate::{Gateway, GatewayConfig};
+
+    use super::*;
+
+    fn task(org: &str, id: Option<String>) -> NewTask {
+        NewTask {
+            id,
+            org_id: org.to_string(),
+            spec: serde_json::from_value::<TaskSpec>(serde_json::json!({"kind": "agent.noop"}))
+                .unwrap_or_else(|e| panic!("spec: {e}")),
+            max_attempts: 1,
+            queue_deadline_at: paddock_proto::now_ms() + 60_000,
+        }
+    }
+
+    /// Concurrent submissions are all stored, each with its own id; one that cannot be
+    /// stored (its id is taken) fails alone, and the others of its batch are stored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_submissions_are_stored_and_a_bad_one_fails_alone() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let url = format!("sqlite://{}", dir.path().join("paddock.db").display());
+        let gw = Gateway::start(GatewayConfig::new(url))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let state = gw.state().clone();
+        let org = state
+            .store
+            .create_org("acme")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let taken = state
+            .inserter
+            .insert(task(&org.id, None))
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}"));
+
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..300 {
+            let (state, org) = (state.clone(), org.id.clone());
+            let id = (i == 150).then(|| taken.clone());
+            calls.spawn(async move { (i, state.inserter.insert(task(&org, id)).await) });
+        }
+        let mut ids = Vec::new();
+        while let Some(joined) = calls.join_next().await {
+            let (i, got) = joined.unwrap_or_else(|e| panic!("{e}"));
+            match (i, got) {
+                (150, Err(e)) => assert_eq!(e.code(), paddock_proto::ErrorCode::Internal),
+                (150, Ok(id)) => panic!("a taken id was stored again as {id}"),
+                (_, Ok(id)) => ids.push(id),
+                (_, Err(e)) => panic!("submission {i} failed: {e:?}"),
+            }
+        }
+        assert_eq!(ids.len(), 299);
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 299, "every submission has its own id");
+        let queued = state
+            .store
+            .list_tasks(&org.id, Some(TaskState::Queued), 500)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(queued.len(), 300, "299 and the first one");
+        gw.state().shutdown.cancel();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
