@@ -250,6 +250,15 @@ pub(crate) fn placeholders(start: usize, n: usize) -> String {
         .join(", ")
 }
 
+/// The `VALUES` rows of a multi-row statement: `rows` rows of `width` bound values each;
+/// `row` writes one row given its first placeholder's number (`$1`, `$1 + width`, ...).
+pub(crate) fn value_rows(rows: usize, width: usize, row: impl Fn(usize) -> String) -> String {
+    (0..rows)
+        .map(|i| row(1 + i * width))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub(crate) fn json_list(values: &[String]) -> String {
     serde_json::to_string(values).unwrap_or_else(|_| "[]".into())
 }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use crate::{Dialect, Result, Store, StoreError, placeholders};
+use crate::{Dialect, Result, Store, StoreError, placeholders, value_rows};
 
 /// Lifecycle state of a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -307,29 +307,17 @@ impl Store {
             ids.push(id);
         }
         let statement = |n: usize| {
-            let mut sql = String::from(
-                "INSERT INTO tasks (id, org_id, kind, required_tag, backend, spec, state, attempt, max_attempts, queue_deadline_at, created_at, updated_at) VALUES ",
-            );
-            for i in 0..n {
-                let b = i * 9;
-                if i > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push_str(&format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${}, 'queued', 0, ${}, ${}, ${}, ${})",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5,
-                    b + 6,
-                    b + 7,
-                    b + 8,
-                    b + 9,
-                    b + 9
-                ));
-            }
-            sql
+            let values = value_rows(n, 9, |b| {
+                format!(
+                    "({}, 'queued', 0, {}, ${})",
+                    placeholders(b, 6),
+                    placeholders(b + 6, 3),
+                    b + 8
+                )
+            });
+            format!(
+                "INSERT INTO tasks (id, org_id, kind, required_tag, backend, spec, state, attempt, max_attempts, queue_deadline_at, created_at, updated_at) VALUES {values}"
+            )
         };
         // One statement is atomic on its own; more need a transaction.
         let mut tx = if rows.len() > INSERT_CHUNK {
@@ -955,24 +943,10 @@ impl Store {
         if events.is_empty() {
             return Ok(());
         }
-        let mut sql = String::from(
-            "INSERT INTO task_events (id, task_id, attempt, name, payload, created_at) VALUES ",
+        let values = value_rows(events.len(), 6, |b| format!("({})", placeholders(b, 6)));
+        let sql = format!(
+            "INSERT INTO task_events (id, task_id, attempt, name, payload, created_at) VALUES {values}"
         );
-        for i in 0..events.len() {
-            let b = i * 6;
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!(
-                "(${}, ${}, ${}, ${}, ${}, ${})",
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4,
-                b + 5,
-                b + 6
-            ));
-        }
         let payload = payload.to_string();
         let now = paddock_proto::now_ms();
         let mut q = sqlx::query(&sql);

@@ -177,6 +177,38 @@ async fn round_trips(
     samples
 }
 
+/// Waits for the submitters and for the gateway to have stored `n` more results than
+/// `done_before`; returns (time to submit, time to the last result), both from `t0`.
+async fn until_done(
+    gw: &Gateway,
+    http: &reqwest::Client,
+    n: usize,
+    done_before: f64,
+    t0: Instant,
+    submitters: Vec<tokio::task::JoinHandle<()>>,
+) -> (Duration, Duration) {
+    let submitted = async {
+        for s in submitters {
+            s.await.unwrap();
+        }
+        t0.elapsed()
+    };
+    let poll = async {
+        loop {
+            let done = gw.metric(http, "paddock_results_total").await - done_before;
+            if done >= n as f64 {
+                return t0.elapsed();
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(600),
+                "only {done} of {n} tasks finished in 600 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::join!(submitted, poll)
+}
+
 /// (b)/(c) `n` tasks queued at once by 32 submitters; seconds until every result is stored.
 async fn throughput(
     gw: &Gateway,
@@ -201,26 +233,7 @@ async fn throughput(
             }
         }));
     }
-    let submitted = async {
-        for s in submitters {
-            s.await.unwrap();
-        }
-        t0.elapsed()
-    };
-    let poll = async {
-        loop {
-            let done = gw.metric(http, "paddock_results_total").await - done_before;
-            if done >= n as f64 {
-                return t0.elapsed();
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(600),
-                "only {done} of {n} tasks finished in 600 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    let (submit_time, total) = tokio::join!(submitted, poll);
+    let (submit_time, total) = until_done(gw, http, n, done_before, t0, submitters).await;
     let succeeded = gw
         .metric(http, "paddock_results_total{state=\"succeeded\"}")
         .await;
@@ -271,26 +284,7 @@ async fn throughput_batched(
             }
         }));
     }
-    let submitted = async {
-        for s in submitters {
-            s.await.unwrap();
-        }
-        t0.elapsed()
-    };
-    let poll = async {
-        loop {
-            let done = gw.metric(http, "paddock_results_total").await - done_before;
-            if done >= n as f64 {
-                return t0.elapsed();
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(600),
-                "only {done} of {n} tasks finished in 600 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    let (submit_time, total) = tokio::join!(submitted, poll);
+    let (submit_time, total) = until_done(gw, http, n, done_before, t0, submitters).await;
     json!({
         "tasks": n,
         "batch": BATCH,
