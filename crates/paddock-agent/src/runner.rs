@@ -287,14 +287,22 @@ impl Runner {
                 self.changed.notify_one();
                 return;
             }
-            // `agent.noop` starts nothing: its result, which follows at once, is all there is
-            // to report (and one database write fewer on the gateway).
-            if d.spec.kind != KIND_AGENT_NOOP {
-                slot.log.push(AgentMessage::Accepted(TaskRef {
-                    task_id: task_id.clone(),
-                    attempt,
-                }));
+            // `agent.noop` starts nothing: its result, in the log at once, is all there is to
+            // report (no `accepted`: one database write fewer on the gateway; no task spawned:
+            // one wake-up fewer here).
+            if d.spec.kind == KIND_AGENT_NOOP {
+                slot.log
+                    .push(AgentMessage::Result(noop_result(&d, now_ms())));
+                slot.finished = true;
+                slots.insert(task_id, slot);
+                drop(slots);
+                self.changed.notify_one();
+                return;
             }
+            slot.log.push(AgentMessage::Accepted(TaskRef {
+                task_id: task_id.clone(),
+                attempt,
+            }));
             let cancel = slot.cancel.clone();
             slots.insert(task_id.clone(), slot);
             drop(slots);
@@ -325,29 +333,14 @@ impl Runner {
     async fn execute(&self, d: Dispatch, cancel: CancellationToken) -> TaskResult {
         let started = now_ms();
         let fail = |code: ErrorCode, message: String| TaskResult {
-            task_id: d.task_id.clone(),
-            attempt: d.attempt,
             status: ResultStatus::Error,
             exit_code: None,
-            signal: None,
             error_code: Some(code),
             error_message: Some(message),
-            stdout: String::new(),
-            stderr: String::new(),
-            stdout_truncated: false,
-            stderr_truncated: false,
-            started_at_ms: started,
-            finished_at_ms: now_ms(),
+            ..noop_result(&d, started)
         };
         if d.spec.kind == KIND_AGENT_NOOP {
-            // Nothing to run: the dispatch path alone.
-            return TaskResult {
-                status: ResultStatus::Succeeded,
-                exit_code: Some(0),
-                error_code: None,
-                error_message: None,
-                ..fail(ErrorCode::Internal, String::new())
-            };
+            return noop_result(&d, started);
         }
         if d.spec.kind != KIND_AGENT_EXECUTE && d.spec.kind != KIND_BUNDLE_RUN {
             return fail(
@@ -575,4 +568,24 @@ fn build_env(
         env.insert(k.clone(), v.clone());
     }
     env
+}
+
+/// The result of an `agent.noop` task: nothing to run, succeeded (the dispatch path alone);
+/// also the base of a result that never ran.
+fn noop_result(d: &Dispatch, started: i64) -> TaskResult {
+    TaskResult {
+        task_id: d.task_id.clone(),
+        attempt: d.attempt,
+        status: ResultStatus::Succeeded,
+        exit_code: Some(0),
+        signal: None,
+        error_code: None,
+        error_message: None,
+        stdout: String::new(),
+        stderr: String::new(),
+        stdout_truncated: false,
+        stderr_truncated: false,
+        started_at_ms: started,
+        finished_at_ms: now_ms(),
+    }
 }

@@ -203,10 +203,7 @@ pub(crate) fn apply_local(state: &AppState, event: &BusEvent) {
     match event {
         BusEvent::TaskReady { org } => {
             state.dispatch_wake.org(org);
-            let _ = state.org_events.send(OrgSignal {
-                org: org.clone(),
-                pool: None,
-            });
+            signal_queued(state, org);
         }
         BusEvent::InstanceChanged { org, pool } => {
             let _ = state.org_events.send(OrgSignal {
@@ -248,6 +245,28 @@ pub(crate) fn apply_local(state: &AppState, event: &BusEvent) {
     }
 }
 
+/// Tells the org's watchers (pool supervisors) that it has queued work.
+fn signal_queued(state: &AppState, org: &str) {
+    let _ = state.org_events.send(OrgSignal {
+        org: org.to_string(),
+        pool: None,
+    });
+}
+
+/// `TaskReady` for orgs whose new tasks this replica has just offered to its own agents (the
+/// submission's own dispatch round, [`crate::dispatcher::dispatch_now`]): the local
+/// dispatcher is not woken for them again; the org's watchers and the other replicas are.
+pub(crate) async fn publish_ready_dispatched(state: &AppState, orgs: Vec<String>) {
+    for org in &orgs {
+        signal_queued(state, org);
+    }
+    let events: Vec<BusEvent> = orgs
+        .into_iter()
+        .map(|org| BusEvent::TaskReady { org })
+        .collect();
+    notify_others(state, &events).await;
+}
+
 /// Publishes an event: applied locally at once, and sent to other replicas on PostgreSQL.
 pub(crate) async fn publish(state: &AppState, event: BusEvent) {
     publish_all(state, vec![event]).await;
@@ -260,12 +279,17 @@ pub(crate) async fn publish_all(state: &AppState, events: Vec<BusEvent>) {
     for event in &events {
         apply_local(state, event);
     }
+    notify_others(state, &events).await;
+}
+
+/// Sends events to the other replicas (PostgreSQL only), in as few notifications as fit.
+async fn notify_others(state: &AppState, events: &[BusEvent]) {
     if state.store.dialect() != paddock_store::Dialect::Postgres || events.is_empty() {
         return;
     }
     let from = &state.cfg.replica_id;
     let mut payloads = Vec::new();
-    if let [event] = events.as_slice() {
+    if let [event] = events {
         payloads.push(serde_json::to_string(&Envelope {
             from: from.clone(),
             event: event.clone(),

@@ -22,7 +22,8 @@ use paddock_store::ClaimRequest;
 use crate::AppState;
 use crate::hub::AgentHandle;
 
-/// Most tasks claimed for one agent in one query.
+/// Most tasks claimed for one agent in one query (the claim also writes their `dispatched`
+/// events, in the same transaction).
 const MAX_BATCH: u32 = 64;
 
 /// What wakes the dispatcher, and which orgs it should look at.
@@ -30,6 +31,9 @@ const MAX_BATCH: u32 = 64;
 pub struct Wake {
     notify: Notify,
     pending: Mutex<Pending>,
+    /// Held for a whole round: the dispatcher's and a submission's ([`dispatch_now`]) never
+    /// run together, so an agent's free slots are read and filled by one round at a time.
+    round: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -107,9 +111,24 @@ pub(crate) async fn run(state: AppState) {
     }
 }
 
+/// A round for orgs that just got new tasks, run by the submission's writer
+/// ([`crate::inserter`]) instead of waking the dispatcher: one hop fewer between a
+/// submission and its dispatch. If some agent filled its batch, the dispatcher goes on.
+pub(crate) async fn dispatch_now(state: &AppState, orgs: BTreeSet<String>) {
+    match round(state, Scope::Orgs(orgs)).await {
+        Ok(true) => state.dispatch_wake.notify_one(),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!("dispatch round failed: {e}");
+            state.dispatch_wake.notify_one();
+        }
+    }
+}
+
 /// One pass over the connected agents of the orgs in scope. Returns whether some agent
 /// filled its batch (so there may be more to claim right away).
 async fn round(state: &AppState, scope: Scope) -> Result<bool, paddock_store::StoreError> {
+    let _round = state.dispatch_wake.round.lock().await;
     let agents = state.hub.snapshot();
     if agents.is_empty() {
         return Ok(false);
@@ -197,7 +216,8 @@ async fn claim_for(
             spec: task.spec,
         }));
         if handle.tx.send(msg).is_err() {
-            // The session ended between the snapshot and now: undo without using the attempt.
+            // The session ended between the snapshot and now: undo without using the attempt
+            // (its `dispatched` event, written with the claim, stays in the task's history).
             handle.remove_in_flight(&task.id);
             state.store.release_claim(&task.id, task.attempt).await?;
             continue;
@@ -210,16 +230,6 @@ async fn claim_for(
         tracing::debug!(task = %task.id, attempt = task.attempt, agent = %handle.agent_id, "dispatched");
         sent.push((task.id, task.attempt));
     }
-    // The batch's `dispatched` events in one statement, after the dispatches went out.
-    let events: Vec<(&str, u32)> = sent.iter().map(|(id, a)| (id.as_str(), *a)).collect();
-    state
-        .store
-        .add_events(
-            &events,
-            "dispatched",
-            &serde_json::json!({ "agentId": handle.agent_id }),
-        )
-        .await?;
     for (id, _) in &sent {
         state.waiters.notify(id);
     }

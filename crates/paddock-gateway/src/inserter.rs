@@ -2,8 +2,10 @@
 //!
 //! Each `POST .../tasks` (and `/tasks/run`) hands its task to one writer task, which stores
 //! every submission waiting at that moment (up to [`paddock_store::INSERT_CHUNK`]) with one
-//! multi-row `INSERT` — one statement and one commit for all of them — and then publishes one
-//! `TaskReady` per org of the batch. A lone submission goes through at once (no timer, no
+//! multi-row `INSERT` — one statement and one commit for all of them — then offers the new
+//! tasks to this replica's agents at once ([`crate::dispatcher::dispatch_now`]: the claim
+//! runs here, not after a wake-up of the dispatcher) and publishes one `TaskReady` per org
+//! of the batch to the other replicas. A lone submission goes through at once (no timer, no
 //! added wait); under concurrent load the batches grow by themselves. A submission is
 //! answered only after its row is committed, so the durability of a `202` is unchanged.
 //!
@@ -19,7 +21,7 @@ use axum::http::StatusCode;
 use paddock_proto::ErrorCode;
 
 use crate::AppState;
-use crate::bus::{self, BusEvent};
+use crate::bus;
 use crate::error::ApiError;
 
 /// Submissions waiting for the writer, at most; beyond, callers wait for room (backpressure).
@@ -107,21 +109,16 @@ async fn write(state: &AppState, batch: Vec<Pending>) {
             out
         }
     };
-    let orgs: BTreeSet<&str> = tasks
+    let orgs: BTreeSet<String> = tasks
         .iter()
         .zip(&results)
         .filter(|(_, r)| r.is_ok())
-        .map(|(t, _)| t.org_id.as_str())
+        .map(|(t, _)| t.org_id.clone())
         .collect();
-    bus::publish_all(
-        state,
-        orgs.into_iter()
-            .map(|org| BusEvent::TaskReady {
-                org: org.to_string(),
-            })
-            .collect(),
-    )
-    .await;
+    // This replica's agents get the new work at once, without waking the dispatcher; other
+    // replicas and the orgs' watchers hear of it through the bus.
+    crate::dispatcher::dispatch_now(state, orgs.clone()).await;
+    bus::publish_ready_dispatched(state, orgs.into_iter().collect()).await;
     for (reply, result) in replies.into_iter().zip(results) {
         // A caller that went away no longer needs its answer; the task is stored anyway.
         let _ = reply.send(result);

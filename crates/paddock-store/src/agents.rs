@@ -112,7 +112,7 @@ impl Store {
         .bind(created_by)
         .bind(now)
         .bind(expires_at)
-        .execute(&self.pool)
+        .execute(&mut *self.w().await?)
         .await?;
         Ok((token, expires_at))
     }
@@ -137,13 +137,13 @@ impl Store {
         .bind(now)
         .bind(&agent_id)
         .bind(&hash)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.w().await?)
         .await?;
         let Some(org_id) = claimed else {
             let row =
                 sqlx::query("SELECT used_at, expires_at FROM pairing_tokens WHERE token_hash = $1")
                     .bind(&hash)
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&mut *self.w().await?)
                     .await?;
             return Ok(Err(match row {
                 None => PairingError::Invalid,
@@ -191,7 +191,7 @@ impl Store {
         .bind(secret::hash(&token))
         .bind(json_list(tags))
         .bind(now)
-        .execute(&self.pool)
+        .execute(&mut *self.w().await?)
         .await?;
         let agent = self
             .get_agent(org_id, id)
@@ -216,7 +216,7 @@ impl Store {
             "SELECT {AGENT_COLUMNS} FROM agents WHERE token_hash = $1"
         ))
         .bind(secret::hash(token))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.w().await?)
         .await?;
         match row {
             Some(r) => {
@@ -249,7 +249,7 @@ impl Store {
     pub async fn find_agent(&self, agent_id: &str) -> Result<Option<Agent>> {
         let row = sqlx::query(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1"))
             .bind(agent_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *self.w().await?)
             .await?;
         row.as_ref().map(agent_from_row).transpose()
     }
@@ -297,7 +297,7 @@ impl Store {
             .bind(json_list(tags))
             .bind(agent_id)
             .bind(org_id)
-            .execute(&self.pool)
+            .execute(&mut *self.w().await?)
             .await?;
         self.get_agent(org_id, agent_id).await
     }
@@ -313,7 +313,7 @@ impl Store {
         .bind(paddock_proto::now_ms())
         .bind(agent_id)
         .bind(org_id)
-        .execute(&self.pool)
+        .execute(&mut *self.w().await?)
         .await?;
         self.get_agent(org_id, agent_id).await
     }
@@ -339,7 +339,7 @@ impl Store {
         .bind(json_list(&capabilities.tags))
         .bind(agent_version)
         .bind(agent_id)
-        .execute(&self.pool)
+        .execute(&mut *self.w().await?)
         .await?;
         Ok(())
     }
@@ -354,7 +354,7 @@ impl Store {
         )
         .bind(agent_id)
         .bind(replica)
-        .execute(&self.pool)
+        .execute(&mut *self.w().await?)
         .await?;
         Ok(())
     }
@@ -366,7 +366,7 @@ impl Store {
     pub async fn clear_replica_connections(&self, replica: &str) -> Result<()> {
         sqlx::query("UPDATE agents SET connected_replica = NULL WHERE connected_replica = $1")
             .bind(replica)
-            .execute(&self.pool)
+            .execute(&mut *self.w().await?)
             .await?;
         Ok(())
     }
@@ -394,7 +394,7 @@ impl Store {
             for id in chunk {
                 q = q.bind(id);
             }
-            q.execute(&self.pool).await?;
+            q.execute(&mut *self.w().await?).await?;
             let sql = format!(
                 "UPDATE tasks SET lease_expires_at = $1 WHERE agent_id IN ({list}) AND state IN ('dispatched', 'running')"
             );
@@ -402,7 +402,7 @@ impl Store {
             for id in chunk {
                 q = q.bind(id);
             }
-            q.execute(&self.pool).await?;
+            q.execute(&mut *self.w().await?).await?;
             let list = placeholders(1, chunk.len());
             let sql =
                 format!("SELECT id FROM agents WHERE id IN ({list}) AND revoked_at IS NOT NULL");
@@ -410,7 +410,7 @@ impl Store {
             for id in chunk {
                 q = q.bind(id);
             }
-            revoked.extend(q.fetch_all(&self.pool).await?);
+            revoked.extend(q.fetch_all(&mut *self.w().await?).await?);
         }
         Ok(revoked)
     }

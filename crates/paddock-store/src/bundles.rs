@@ -107,7 +107,7 @@ impl Store {
         .bind(digest)
         .bind(size.min(i64::MAX as u64) as i64)
         .bind(paddock_proto::now_ms())
-        .execute(&self.pool)
+        .execute(&mut *self.w().await?)
         .await?;
         Ok(())
     }
@@ -121,7 +121,7 @@ impl Store {
             sqlx::query_scalar("SELECT size FROM bundles WHERE org_id = $1 AND digest = $2")
                 .bind(org_id)
                 .bind(digest)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *self.w().await?)
                 .await?;
         Ok(size.map(|s| s.max(0) as u64))
     }
@@ -164,7 +164,7 @@ impl Store {
             .bind(runtime)
             .bind(entrypoint)
             .bind(now)
-            .execute(&self.pool)
+            .execute(&mut *self.w().await?)
             .await;
             match done {
                 Ok(r) if r.rows_affected() == 1 => {
@@ -201,7 +201,7 @@ impl Store {
         ))
         .bind(org_id)
         .bind(workflow_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.w().await?)
         .await?;
         Ok(row.as_ref().map(version_from_row))
     }
@@ -220,7 +220,7 @@ impl Store {
         ))
         .bind(org_id)
         .bind(workflow_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.w().await?)
         .await?;
         Ok(rows.iter().map(version_from_row).collect())
     }
@@ -244,7 +244,7 @@ impl Store {
         .bind(&s.created_by)
         .bind(s.created_at)
         .bind(s.released_at)
-        .execute(&self.pool)
+        .execute(&mut *self.w().await?)
         .await?;
         Ok(())
     }
@@ -259,7 +259,7 @@ impl Store {
         ))
         .bind(org_id)
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.w().await?)
         .await?;
         Ok(row.as_ref().map(spawn_from_row))
     }
@@ -273,7 +273,7 @@ impl Store {
             "SELECT {SPAWN_COLUMNS} FROM spawns WHERE org_id = $1 AND released_at IS NULL ORDER BY created_at DESC, id"
         ))
         .bind(org_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.w().await?)
         .await?;
         Ok(rows.iter().map(spawn_from_row).collect())
     }
@@ -289,7 +289,7 @@ impl Store {
         .bind(paddock_proto::now_ms())
         .bind(org_id)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&mut *self.w().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }

@@ -10,8 +10,8 @@
 //! both take the last slot of a pool.
 
 use serde::{Deserialize, Serialize};
-use sqlx::Row;
 use sqlx::any::AnyRow;
+use sqlx::{Connection as _, Row};
 
 use crate::{Dialect, Result, Store, StoreError, json_list, parse_json_list};
 
@@ -319,7 +319,7 @@ impl Store {
         .bind(i64::from(p.max_use))
         .bind(p.boot_deadline_ms.min(i64::MAX as u64) as i64)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&mut *self.w().await?)
         .await?;
         self.get_pool(org_id, p.name)
             .await?
@@ -339,7 +339,7 @@ impl Store {
         ))
         .bind(org_id)
         .bind(name)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.w().await?)
         .await?;
         row.as_ref().map(pool_from_row).transpose()
     }
@@ -351,7 +351,7 @@ impl Store {
     pub async fn get_pool_by_id(&self, pool_id: &str) -> Result<Option<Pool>> {
         let row = sqlx::query(&format!("SELECT {POOL_COLUMNS} FROM pools WHERE id = $1"))
             .bind(pool_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *self.w().await?)
             .await?;
         row.as_ref().map(pool_from_row).transpose()
     }
@@ -365,7 +365,7 @@ impl Store {
             "SELECT {POOL_COLUMNS} FROM pools WHERE org_id = $1 ORDER BY name"
         ))
         .bind(org_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.w().await?)
         .await?;
         rows.iter().map(pool_from_row).collect()
     }
@@ -387,7 +387,7 @@ impl Store {
         for t in &tags {
             q = q.bind(t);
         }
-        Ok(q.fetch_one(&self.pool).await?.max(0) as u32)
+        Ok(q.fetch_one(&mut *self.w().await?).await?.max(0) as u32)
     }
 
     /// Creates a pool member (`starting`) with its agent row, unless the pool already has
@@ -401,7 +401,8 @@ impl Store {
     ) -> Result<std::result::Result<Instance, PoolCapacityError>> {
         let id = uuid::Uuid::new_v4().to_string();
         let now = paddock_proto::now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut w = self.w().await?;
+        let mut tx = w.begin().await?;
         if self.dialect == Dialect::Postgres {
             sqlx::query("SELECT id FROM pools WHERE id = $1 FOR UPDATE")
                 .bind(&pool.id)
@@ -441,6 +442,7 @@ impl Store {
         .await?;
         insert_instance_agent(&mut tx, &id, &pool.org_id, &pool.instance_tags(&id), now).await?;
         tx.commit().await?;
+        drop(w);
         let inst = self.find_instance(&id).await?.ok_or(StoreError::Corrupt {
             what: "instances",
             detail: "inserted instance not found".into(),
@@ -463,7 +465,8 @@ impl Store {
         }
         let id = uuid::Uuid::new_v4().to_string();
         let now = paddock_proto::now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut w = self.w().await?;
+        let mut tx = w.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO instances (id, org_id, user_id, mode, status, provider, created_at, updated_at) VALUES ($1, $2, $3, 'user', 'starting', $4, $5, $5) ON CONFLICT DO NOTHING",
         )
@@ -479,6 +482,7 @@ impl Store {
             insert_instance_agent(&mut tx, &id, org_id, &tags, now).await?;
         }
         tx.commit().await?;
+        drop(w);
         self.user_instance(org_id, user_id)
             .await?
             .ok_or(StoreError::Corrupt {
@@ -497,7 +501,7 @@ impl Store {
         ))
         .bind(org_id)
         .bind(user_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.w().await?)
         .await?;
         row.as_ref().map(instance_from_row).transpose()
     }
@@ -519,7 +523,7 @@ impl Store {
             "SELECT {INSTANCE_COLUMNS} FROM instances WHERE id = $1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.w().await?)
         .await?;
         row.as_ref().map(instance_from_row).transpose()
     }
@@ -547,7 +551,7 @@ impl Store {
         if let Some(p) = pool_id {
             q = q.bind(p);
         }
-        let rows = q.fetch_all(&self.pool).await?;
+        let rows = q.fetch_all(&mut *self.w().await?).await?;
         rows.iter().map(instance_from_row).collect()
     }
 
@@ -559,7 +563,7 @@ impl Store {
         let rows = sqlx::query(&format!(
             "SELECT {POOL_COLUMNS} FROM pools ORDER BY org_id, name"
         ))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.w().await?)
         .await?;
         rows.iter().map(pool_from_row).collect()
     }
@@ -570,7 +574,7 @@ impl Store {
     /// Database failure.
     pub async fn count_instances_by_status(&self) -> Result<Vec<(InstanceStatus, u64)>> {
         let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM instances GROUP BY status")
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.w().await?)
             .await?;
         let mut out = Vec::new();
         for r in rows {
@@ -607,7 +611,7 @@ impl Store {
             )
             .bind(now)
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *self.w().await?)
             .await?
         } else {
             sqlx::query(
@@ -619,7 +623,7 @@ impl Store {
             .bind(id)
             .bind(i64::from(max_attempts))
             .bind(cooldown)
-            .execute(&self.pool)
+            .execute(&mut *self.w().await?)
             .await?
         };
         let Some(inst) = self.find_instance(id).await? else {
@@ -674,7 +678,7 @@ impl Store {
         .bind(i64::from(max_attempts))
         .bind(id)
         .bind(i64::from(attempt))
-        .execute(&self.pool)
+        .execute(&mut *self.w().await?)
         .await?;
         if done.rows_affected() == 0 {
             return Ok(None);
@@ -699,7 +703,7 @@ impl Store {
         )
         .bind(now)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&mut *self.w().await?)
         .await?;
         let inst = self.find_instance(id).await?;
         Ok(inst.filter(|i| {
@@ -721,7 +725,7 @@ impl Store {
         )
         .bind(now)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&mut *self.w().await?)
         .await?;
         Ok(())
     }
@@ -742,7 +746,7 @@ impl Store {
         )
         .bind(now)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&mut *self.w().await?)
         .await?;
         if done.rows_affected() == 0 {
             return Ok(None);
@@ -769,7 +773,7 @@ impl Store {
         .bind(now)
         .bind(id)
         .bind(org_id)
-        .execute(&self.pool)
+        .execute(&mut *self.w().await?)
         .await?;
         let Some(inst) = self.get_instance(org_id, id).await? else {
             return Ok(None);
@@ -793,7 +797,8 @@ impl Store {
         error: Option<&str>,
     ) -> Result<Option<std::result::Result<Instance, InstanceStatus>>> {
         let now = paddock_proto::now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut w = self.w().await?;
+        let mut tx = w.begin().await?;
         let done = sqlx::query(
             "UPDATE instances SET status = 'terminated', terminated_at = $1, updated_at = $1, last_error = COALESCE($2, last_error) WHERE id = $3 AND org_id = $4 AND status NOT IN ('busy', 'terminated')",
         )
@@ -811,6 +816,7 @@ impl Store {
                 .await?;
         }
         tx.commit().await?;
+        drop(w);
         let Some(inst) = self.get_instance(org_id, id).await? else {
             return Ok(None);
         };
@@ -834,7 +840,7 @@ impl Store {
         .bind(now)
         .bind(id)
         .bind(org_id)
-        .execute(&self.pool)
+        .execute(&mut *self.w().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -850,7 +856,7 @@ impl Store {
         ))
         .bind(deadline_ms.min(i64::MAX as u64 / 2) as i64)
         .bind(now)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.w().await?)
         .await?;
         rows.iter().map(instance_from_row).collect()
     }
@@ -866,12 +872,12 @@ impl Store {
         .bind(name)
         .bind(crate::secret::generate(""))
         .bind(paddock_proto::now_ms())
-        .execute(&self.pool)
+        .execute(&mut *self.w().await?)
         .await?;
         Ok(
             sqlx::query_scalar("SELECT value FROM gateway_secrets WHERE name = $1")
                 .bind(name)
-                .fetch_one(&self.pool)
+                .fetch_one(&mut *self.w().await?)
                 .await?,
         )
     }

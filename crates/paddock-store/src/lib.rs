@@ -8,16 +8,21 @@
 
 pub mod agents;
 pub mod bundles;
+mod hot;
 pub mod instances;
 pub mod orgs;
 pub mod secret;
 pub mod tasks;
+mod writer;
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, Executor};
+use sqlx::{AnyPool, Connection, Executor};
+
+use writer::{SQLITE_PRAGMAS, SqliteShared, Writer};
 
 pub use agents::{Agent, PairingError};
 pub use bundles::{SpawnRow, WorkflowVersion};
@@ -48,6 +53,12 @@ pub enum StoreError {
     /// A query failed.
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
+    /// A statement on the SQLite writer's own connection failed.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The store could not start a thread or make its scratch directory.
+    #[error("store i/o error: {0}")]
+    Io(String),
     /// Stored JSON could not be decoded (corrupt row).
     #[error("corrupt stored value in {what}: {detail}")]
     Corrupt {
@@ -79,26 +90,24 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 
 /// Handle to the database. Cheap to clone.
 ///
-/// On a SQLite file, writes (and everything not marked as a read) go through one connection:
-/// SQLite has one writer at a time, and several writer connections in one process only meet
-/// `SQLITE_BUSY` and sleep in the busy handler (1 ms, then longer), while each commit also
-/// invalidates the other connections' page caches. A few read-only connections serve the
-/// frequent reads (task reads, lists, output, events). On PostgreSQL both are one pool.
+/// On a SQLite file, every write goes through one writer ([`writer`]: a held connection
+/// behind an async lock, with a `rusqlite` connection beside it for the statements on each
+/// task's path): SQLite has one writer at a time, and several writer connections in one
+/// process only meet `SQLITE_BUSY` and sleep in the busy handler (1 ms, then longer), while
+/// each commit also invalidates the other connections' page caches. A few read-only
+/// connections serve the frequent reads (task reads, lists, output, events). On PostgreSQL
+/// both are one pool.
 #[derive(Clone, Debug)]
 pub struct Store {
+    /// PostgreSQL: the pool. SQLite: the readers (writes go through `sqlite`).
     pool: AnyPool,
     read: AnyPool,
     dialect: Dialect,
+    sqlite: Option<Arc<SqliteShared>>,
 }
 
 /// Read-only connections beside the writer on a SQLite file.
 const SQLITE_READERS: u32 = 4;
-
-/// Per-connection settings of a SQLite file: WAL, `synchronous=NORMAL` (a commit is durable
-/// against a process crash at once and against power loss from the next checkpoint), a busy
-/// timeout for the readers and other processes, foreign keys, and no memory map (it is
-/// remapped in every connection each time the file grows).
-const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000; PRAGMA foreign_keys=ON; PRAGMA mmap_size=0;";
 
 impl Store {
     /// Connects to `url` (`sqlite://path`, `sqlite::memory:`, `postgres://...`) and applies
@@ -115,35 +124,51 @@ impl Store {
         } else {
             return Err(StoreError::BadUrl(redact_url(url)));
         };
+        // `sqlite::memory:` stands for a private file in a scratch directory removed with
+        // the store: the writer's two connections and the readers must see one database.
+        let mut scratch = None;
         let url = match dialect {
-            Dialect::Sqlite if !url.contains("mode=") && !url.contains(":memory:") => {
+            Dialect::Sqlite if url.contains(":memory:") => {
+                let dir = tempfile::Builder::new()
+                    .prefix("paddock-memory-")
+                    .tempdir()
+                    .map_err(|e| StoreError::Io(e.to_string()))?;
+                let url = format!(
+                    "sqlite://{}?mode=rwc",
+                    dir.path().join("paddock.db").display()
+                );
+                scratch = Some(dir);
+                url
+            }
+            Dialect::Sqlite if !url.contains("mode=") => {
                 let sep = if url.contains('?') { '&' } else { '?' };
                 format!("{url}{sep}mode=rwc")
             }
             _ => url.to_string(),
         };
         let opts = AnyConnectOptions::from_str(&url)?;
-        let sqlite_pool = |max: u32| {
-            AnyPoolOptions::new()
-                .acquire_timeout(Duration::from_secs(10))
-                .max_connections(max)
-                .after_connect(|conn, _| {
-                    Box::pin(async move {
-                        conn.execute(SQLITE_PRAGMAS).await?;
-                        Ok(())
-                    })
-                })
-        };
-        let (pool, read) = match dialect {
+        let (pool, sqlite) = match dialect {
             Dialect::Sqlite => {
-                let pool = sqlite_pool(1).connect_with(opts.clone()).await?;
-                // An in-memory database exists once per connection: the writer serves all.
-                let read = if url.contains(":memory:") {
-                    pool.clone()
-                } else {
-                    sqlite_pool(SQLITE_READERS).connect_lazy_with(opts)
-                };
-                (pool, read)
+                let path = sqlx::sqlite::SqliteConnectOptions::from_str(&url)?
+                    .get_filename()
+                    .to_path_buf();
+                // The writer first: it creates the file and puts it in WAL mode.
+                let mut conn = sqlx::AnyConnection::connect_with(&opts).await?;
+                conn.execute(SQLITE_PRAGMAS).await?;
+                let shared = SqliteShared::open(&path, conn, scratch).await?;
+                let readers = AnyPoolOptions::new()
+                    .acquire_timeout(Duration::from_secs(10))
+                    .max_connections(SQLITE_READERS)
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            conn.execute(SQLITE_PRAGMAS).await?;
+                            // Writes belong to the writer: one here would fail, not contend.
+                            conn.execute("PRAGMA query_only=1").await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_lazy_with(opts);
+                (readers, Some(shared))
             }
             Dialect::Postgres => {
                 let pool = AnyPoolOptions::new()
@@ -151,16 +176,26 @@ impl Store {
                     .max_connections(16)
                     .connect_with(opts)
                     .await?;
-                (pool.clone(), pool)
+                (pool, None)
             }
         };
         let store = Store {
+            read: pool.clone(),
             pool,
-            read,
             dialect,
+            sqlite,
         };
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// The write handle: the SQLite writer (queued behind the one lock) or a pooled
+    /// PostgreSQL connection.
+    pub(crate) async fn w(&self) -> Result<Writer<'_>> {
+        match &self.sqlite {
+            Some(s) => Ok(s.lock().await),
+            None => Ok(Writer::Pooled(self.pool.acquire().await?)),
+        }
     }
 
     /// The database kind.
@@ -168,7 +203,7 @@ impl Store {
         self.dialect
     }
 
-    /// The underlying pool (for health checks).
+    /// The underlying pool (PostgreSQL: every connection; SQLite: the readers).
     pub fn pool(&self) -> &AnyPool {
         &self.pool
     }
@@ -178,17 +213,19 @@ impl Store {
     /// # Errors
     /// The database is unreachable.
     pub async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1")
+            .execute(&mut *self.w().await?)
+            .await?;
         Ok(())
     }
 
-    /// Closes the pool.
+    /// Closes the pool (the SQLite writer closes with the last handle).
     pub async fn close(&self) {
         self.pool.close().await;
     }
 
     async fn migrate(&self) -> Result<()> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.w().await?;
         if self.dialect == Dialect::Postgres {
             // Replicas starting together must not race on the schema.
             conn.execute("SELECT pg_advisory_lock(726163)").await?;

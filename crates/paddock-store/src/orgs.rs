@@ -79,7 +79,7 @@ impl Store {
             .bind(&org.id)
             .bind(&org.name)
             .bind(org.created_at)
-            .execute(&self.pool)
+            .execute(&mut *self.w().await?)
             .await?;
         Ok(org)
     }
@@ -139,7 +139,7 @@ impl Store {
         .bind(role.as_str())
         .bind(name)
         .bind(paddock_proto::now_ms())
-        .execute(&self.pool)
+        .execute(&mut *self.w().await?)
         .await?;
         Ok((id, token))
     }
@@ -176,7 +176,7 @@ impl Store {
         .bind(paddock_proto::now_ms())
         .bind(token_id)
         .bind(org_id)
-        .execute(&self.pool)
+        .execute(&mut *self.w().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }

@@ -8,8 +8,8 @@
 
 use paddock_proto::{ErrorCode, ResultStatus, TaskResult, TaskSpec};
 use serde::{Deserialize, Serialize};
-use sqlx::Row;
 use sqlx::any::AnyRow;
+use sqlx::{Connection as _, Row};
 
 use crate::{Dialect, Result, Store, StoreError, placeholders, value_rows};
 
@@ -240,36 +240,106 @@ fn corrupt(what: &'static str, e: impl std::fmt::Display) -> StoreError {
     }
 }
 
-fn task_from_row(r: &AnyRow) -> Result<TaskRow> {
-    let state: String = r.get("state");
-    let spec: String = r.get("spec");
-    let result: Option<String> = r.get("result");
+/// A result row of either driver: sqlx's `AnyRow` or the SQLite writer's `rusqlite::Row`,
+/// so that one function maps each kind of row.
+pub(crate) trait Columns {
+    /// A column by name (`NULL` as `None` for `Option` types).
+    fn col<T: FromColumn>(&self, name: &str) -> Result<T>;
+}
+
+/// A value both drivers decode.
+pub(crate) trait FromColumn:
+    for<'r> sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any> + rusqlite::types::FromSql
+{
+}
+impl<T> FromColumn for T where
+    T: for<'r> sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any> + rusqlite::types::FromSql
+{
+}
+
+impl Columns for AnyRow {
+    fn col<T: FromColumn>(&self, name: &str) -> Result<T> {
+        Ok(self.try_get(name)?)
+    }
+}
+
+impl Columns for rusqlite::Row<'_> {
+    fn col<T: FromColumn>(&self, name: &str) -> Result<T> {
+        Ok(self.get(name)?)
+    }
+}
+
+pub(crate) fn task_from_row(r: &impl Columns) -> Result<TaskRow> {
+    let state: String = r.col("state")?;
+    let spec: String = r.col("spec")?;
+    let result: Option<String> = r.col("result")?;
     Ok(TaskRow {
-        id: r.get("id"),
-        org_id: r.get("org_id"),
-        kind: r.get("kind"),
+        id: r.col("id")?,
+        org_id: r.col("org_id")?,
+        kind: r.col("kind")?,
         state: TaskState::parse(&state).ok_or_else(|| corrupt("tasks.state", &state))?,
-        attempt: r.get::<i64, _>("attempt") as u32,
-        max_attempts: r.get::<i64, _>("max_attempts") as u32,
-        agent_id: r.get("agent_id"),
+        attempt: r.col::<i64>("attempt")? as u32,
+        max_attempts: r.col::<i64>("max_attempts")? as u32,
+        agent_id: r.col("agent_id")?,
         spec: serde_json::from_str(&spec).map_err(|e| corrupt("tasks.spec", e))?,
-        created_at: r.get("created_at"),
-        dispatched_at: r.get("dispatched_at"),
-        started_at: r.get("started_at"),
-        finished_at: r.get("finished_at"),
-        exit_code: r.get::<Option<i64>, _>("exit_code").map(|c| c as i32),
-        error_code: r.get("error_code"),
-        error_message: r.get("error_message"),
+        created_at: r.col("created_at")?,
+        dispatched_at: r.col("dispatched_at")?,
+        started_at: r.col("started_at")?,
+        finished_at: r.col("finished_at")?,
+        exit_code: r.col::<Option<i64>>("exit_code")?.map(|c| c as i32),
+        error_code: r.col("error_code")?,
+        error_message: r.col("error_message")?,
         result: result
             .map(|t| serde_json::from_str(&t).map_err(|e| corrupt("tasks.result", e)))
             .transpose()?,
-        expires_at: r.get("expires_at"),
+        expires_at: r.col("expires_at")?,
+    })
+}
+
+/// A row of a claim's `RETURNING id, attempt, spec, created_at`.
+pub(crate) fn claimed_from_row(r: &impl Columns) -> Result<ClaimedTask> {
+    let spec: String = r.col("spec")?;
+    Ok(ClaimedTask {
+        id: r.col("id")?,
+        attempt: r.col::<i64>("attempt")? as u32,
+        spec: serde_json::from_str(&spec).map_err(|e| corrupt("tasks.spec", e))?,
+        created_at: r.col("created_at")?,
     })
 }
 
 /// Most rows in one multi-row `INSERT` of tasks (9 bound values each: well under SQLite's
 /// and PostgreSQL's limits on bound parameters).
 pub const INSERT_CHUNK: usize = 256;
+
+/// A task about to be inserted: its id, the submission, and the derived columns.
+pub(crate) struct InsertRow<'a> {
+    pub(crate) id: String,
+    pub(crate) task: &'a NewTask,
+    pub(crate) required_tag: Option<String>,
+    pub(crate) spec: String,
+}
+
+/// The multi-row `INSERT` of `sql` (built for `rows.len()` rows), bound.
+fn insert_query<'q>(
+    sql: &'q str,
+    rows: &'q [InsertRow<'q>],
+    now: i64,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    let mut q = sqlx::query(sql);
+    for r in rows {
+        q = q
+            .bind(r.id.as_str())
+            .bind(r.task.org_id.as_str())
+            .bind(r.task.spec.kind.as_str())
+            .bind(r.required_tag.as_deref())
+            .bind(r.task.spec.sandbox.backend.as_deref())
+            .bind(r.spec.as_str())
+            .bind(i64::from(r.task.max_attempts.max(1)))
+            .bind(r.task.queue_deadline_at)
+            .bind(now);
+    }
+    q
+}
 
 impl Store {
     /// Inserts a queued task and returns its id (UUID v7, so ids sort by submission time).
@@ -303,8 +373,18 @@ impl Store {
                 .as_ref()
                 .and_then(|s| s.required_tag().ok().flatten());
             let spec = serde_json::to_string(&task.spec).map_err(|e| corrupt("tasks.spec", e))?;
-            rows.push((id.clone(), task, required_tag, spec));
+            rows.push(InsertRow {
+                id: id.clone(),
+                task,
+                required_tag,
+                spec,
+            });
             ids.push(id);
+        }
+        let mut w = self.w().await?;
+        if let Some(raw) = w.raw() {
+            crate::hot::insert_tasks(raw, &rows, now)?;
+            return Ok(ids);
         }
         let statement = |n: usize| {
             let values = value_rows(n, 9, |b| {
@@ -320,32 +400,15 @@ impl Store {
             )
         };
         // One statement is atomic on its own; more need a transaction.
-        let mut tx = if rows.len() > INSERT_CHUNK {
-            Some(self.pool.begin().await?)
+        if rows.len() <= INSERT_CHUNK {
+            let sql = statement(rows.len());
+            insert_query(&sql, &rows, now).execute(&mut *w).await?;
         } else {
-            None
-        };
-        for chunk in rows.chunks(INSERT_CHUNK) {
-            let sql = statement(chunk.len());
-            let mut q = sqlx::query(&sql);
-            for (id, task, required_tag, spec) in chunk {
-                q = q
-                    .bind(id.as_str())
-                    .bind(task.org_id.as_str())
-                    .bind(task.spec.kind.as_str())
-                    .bind(required_tag.as_deref())
-                    .bind(task.spec.sandbox.backend.as_deref())
-                    .bind(spec.as_str())
-                    .bind(i64::from(task.max_attempts.max(1)))
-                    .bind(task.queue_deadline_at)
-                    .bind(now);
+            let mut tx = w.begin().await?;
+            for chunk in rows.chunks(INSERT_CHUNK) {
+                let sql = statement(chunk.len());
+                insert_query(&sql, chunk, now).execute(&mut *tx).await?;
             }
-            match tx.as_mut() {
-                Some(tx) => q.execute(&mut **tx).await?,
-                None => q.execute(&self.pool).await?,
-            };
-        }
-        if let Some(tx) = tx {
             tx.commit().await?;
         }
         Ok(ids)
@@ -412,9 +475,11 @@ impl Store {
         if req.limit == 0 || req.kinds.is_empty() {
             return Ok(Vec::new());
         }
+        let payload = dispatched_payload(req.agent_id);
         let rows = match self.dialect {
             _ if req.instance => {
-                let mut tx = self.pool.begin().await?;
+                let mut w = self.w().await?;
+                let mut tx = w.begin().await?;
                 if self.dialect == Dialect::Sqlite {
                     // Take the write lock first: a read transaction upgraded to a write
                     // fails at once in WAL mode if another writer got in between.
@@ -473,31 +538,33 @@ impl Store {
                     tx.rollback().await?;
                     return Ok(Vec::new());
                 }
+                insert_dispatched_events(&mut tx, &rows, &payload).await?;
                 tx.commit().await?;
+                drop(w);
                 rows
             }
             Dialect::Postgres => {
-                let mut tx = self.pool.begin().await?;
+                let mut w = self.w().await?;
+                let mut tx = w.begin().await?;
                 let rows = claim_rows(&mut tx, self.dialect, req).await?;
+                insert_dispatched_events(&mut tx, &rows, &payload).await?;
                 tx.commit().await?;
+                drop(w);
                 rows
             }
             Dialect::Sqlite => {
-                let mut conn = self.pool.acquire().await?;
-                claim_rows(&mut conn, self.dialect, req).await?
+                let mut w = self.w().await?;
+                let Some(raw) = w.raw() else {
+                    return Err(corrupt("store", "a SQLite store without its writer"));
+                };
+                let mut claimed = crate::hot::claim(raw, req, &payload)?;
+                claimed.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+                return Ok(claimed);
             }
         };
         let mut claimed = rows
             .iter()
-            .map(|r| {
-                let spec: String = r.get("spec");
-                Ok(ClaimedTask {
-                    id: r.get("id"),
-                    attempt: r.get::<i64, _>("attempt") as u32,
-                    spec: serde_json::from_str(&spec).map_err(|e| corrupt("tasks.spec", e))?,
-                    created_at: r.get("created_at"),
-                })
-            })
+            .map(claimed_from_row)
             .collect::<Result<Vec<_>>>()?;
         claimed.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         Ok(claimed)
@@ -515,7 +582,7 @@ impl Store {
         .bind(paddock_proto::now_ms())
         .bind(task_id)
         .bind(i64::from(attempt))
-        .execute(&self.pool)
+        .execute(&mut *self.w().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -549,7 +616,7 @@ impl Store {
         .bind(org_id)
         .bind(i64::from(attempt))
         .bind(agent_id)
-        .execute(&self.pool)
+        .execute(&mut *self.w().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -587,7 +654,7 @@ impl Store {
         for id in listed {
             q = q.bind(id);
         }
-        Ok(q.execute(&self.pool).await?.rows_affected())
+        Ok(q.execute(&mut *self.w().await?).await?.rows_affected())
     }
 
     /// Marks the current attempt as started by its agent (`accepted`).
@@ -608,7 +675,7 @@ impl Store {
         .bind(task_id)
         .bind(i64::from(attempt))
         .bind(agent_id)
-        .execute(&self.pool)
+        .execute(&mut *self.w().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -637,7 +704,7 @@ impl Store {
         .bind(task_id)
         .bind(org_id)
         .bind(i64::from(attempt))
-        .execute(&self.pool)
+        .execute(&mut *self.w().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -658,10 +725,10 @@ impl Store {
         result: &TaskResult,
         ttl_ms: i64,
     ) -> Result<bool> {
-        let row = complete_query(org_id, agent_id, result, ttl_ms)?
-            .fetch_optional(&self.pool)
+        let stored = self
+            .complete_tasks(org_id, agent_id, std::slice::from_ref(result), ttl_ms)
             .await?;
-        Ok(row.is_some())
+        Ok(matches!(stored.as_slice(), [Some(_)]))
     }
 
     /// [`Store::complete_task`] for several results of one agent, in one transaction (one
@@ -678,26 +745,29 @@ impl Store {
         results: &[TaskResult],
         ttl_ms: i64,
     ) -> Result<Vec<Option<TaskRow>>> {
-        let mut stored = Vec::with_capacity(results.len());
-        match results {
-            [] => {}
-            [one] => {
-                let row = complete_query(org_id, agent_id, one, ttl_ms)?
-                    .fetch_optional(&self.pool)
-                    .await?;
-                stored.push(row.as_ref().map(task_from_row).transpose()?);
-            }
-            _ => {
-                let mut tx = self.pool.begin().await?;
-                for r in results {
-                    let row = complete_query(org_id, agent_id, r, ttl_ms)?
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                    stored.push(row.as_ref().map(task_from_row).transpose()?);
-                }
-                tx.commit().await?;
-            }
+        if results.is_empty() {
+            return Ok(Vec::new());
         }
+        let mut w = self.w().await?;
+        if let Some(raw) = w.raw() {
+            return crate::hot::complete(raw, org_id, agent_id, results, ttl_ms);
+        }
+        let mut stored = Vec::with_capacity(results.len());
+        if let [one] = results {
+            let row = complete_query(org_id, agent_id, one, ttl_ms)?
+                .fetch_optional(&mut *w)
+                .await?;
+            stored.push(row.as_ref().map(task_from_row).transpose()?);
+            return Ok(stored);
+        }
+        let mut tx = w.begin().await?;
+        for r in results {
+            let row = complete_query(org_id, agent_id, r, ttl_ms)?
+                .fetch_optional(&mut *tx)
+                .await?;
+            stored.push(row.as_ref().map(task_from_row).transpose()?);
+        }
+        tx.commit().await?;
         Ok(stored)
     }
 
@@ -722,7 +792,7 @@ impl Store {
         .bind(now + ttl_ms)
         .bind(task_id)
         .bind(org_id)
-        .execute(&self.pool)
+        .execute(&mut *self.w().await?)
         .await?;
         if done.rows_affected() == 1 {
             return Ok(Some((TaskState::Canceled, None, 0)));
@@ -733,7 +803,7 @@ impl Store {
         .bind(now)
         .bind(task_id)
         .bind(org_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.w().await?)
         .await?;
         Ok(row.map(|r| {
             (
@@ -767,7 +837,7 @@ impl Store {
         .bind(now)
         .bind(now + ttl_ms)
         .bind(ErrorCode::TaskCanceled.as_str())
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.w().await?)
         .await?;
         let requeued = sqlx::query(
             "UPDATE tasks SET state = 'queued', lease_expires_at = NULL, updated_at = $1, queue_deadline_at = CASE WHEN queue_deadline_at < $2 THEN $2 ELSE queue_deadline_at END \
@@ -775,7 +845,7 @@ impl Store {
         )
         .bind(now)
         .bind(requeue_deadline)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.w().await?)
         .await?;
         let map = |rows: Vec<AnyRow>| {
             rows.iter()
@@ -802,7 +872,7 @@ impl Store {
         .bind(ErrorCode::AgentLost.as_str())
         .bind(now)
         .bind(now + ttl_ms)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.w().await?)
         .await?;
         Ok(rows
             .iter()
@@ -822,13 +892,14 @@ impl Store {
         let ids: Vec<String> =
             sqlx::query_scalar("SELECT id FROM tasks WHERE expires_at < $1 LIMIT 1000")
                 .bind(now)
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *self.w().await?)
                 .await?;
         if ids.is_empty() {
             return Ok(0);
         }
         let list = placeholders(1, ids.len());
-        let mut tx = self.pool.begin().await?;
+        let mut w = self.w().await?;
+        let mut tx = w.begin().await?;
         for table in ["task_output", "task_events"] {
             let sql = format!("DELETE FROM {table} WHERE task_id IN ({list})");
             let mut q = sqlx::query(&sql);
@@ -844,6 +915,7 @@ impl Store {
         }
         let done = q.execute(&mut *tx).await?;
         tx.commit().await?;
+        drop(w);
         Ok(done.rows_affected())
     }
 
@@ -868,7 +940,7 @@ impl Store {
         .bind(stream)
         .bind(data)
         .bind(paddock_proto::now_ms())
-        .execute(&self.pool)
+        .execute(&mut *self.w().await?)
         .await?;
         Ok(())
     }
@@ -924,13 +996,12 @@ impl Store {
         .bind(name)
         .bind(payload.to_string())
         .bind(paddock_proto::now_ms())
-        .execute(&self.pool)
+        .execute(&mut *self.w().await?)
         .await?;
         Ok(())
     }
 
-    /// Records one event for each of several tasks in one statement (the dispatcher's
-    /// `dispatched` events of a claimed batch).
+    /// Records one event for each of several tasks in one statement.
     ///
     /// # Errors
     /// Database failure.
@@ -940,27 +1011,7 @@ impl Store {
         name: &str,
         payload: &serde_json::Value,
     ) -> Result<()> {
-        if events.is_empty() {
-            return Ok(());
-        }
-        let values = value_rows(events.len(), 6, |b| format!("({})", placeholders(b, 6)));
-        let sql = format!(
-            "INSERT INTO task_events (id, task_id, attempt, name, payload, created_at) VALUES {values}"
-        );
-        let payload = payload.to_string();
-        let now = paddock_proto::now_ms();
-        let mut q = sqlx::query(&sql);
-        for (task_id, attempt) in events {
-            q = q
-                .bind(uuid::Uuid::now_v7().to_string())
-                .bind(*task_id)
-                .bind(i64::from(*attempt))
-                .bind(name)
-                .bind(payload.clone())
-                .bind(now);
-        }
-        q.execute(&self.pool).await?;
-        Ok(())
+        insert_events(&mut *self.w().await?, events, name, &payload.to_string()).await
     }
 
     /// Events of a task, oldest first.
@@ -1015,7 +1066,7 @@ impl Store {
     pub async fn orgs_with_queued_tasks(&self) -> Result<Vec<String>> {
         Ok(
             sqlx::query_scalar("SELECT DISTINCT org_id FROM tasks WHERE state = 'queued'")
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *self.w().await?)
                 .await?,
         )
     }
@@ -1041,74 +1092,114 @@ impl Store {
             for org in chunk {
                 q = q.bind(*org);
             }
-            found.extend(q.fetch_all(&self.pool).await?);
+            found.extend(q.fetch_all(&mut *self.w().await?).await?);
         }
         Ok(found)
     }
 }
 
-/// The statement of [`Store::complete_task`] for `result`, bound.
+/// The payload of a `dispatched` event.
+pub(crate) fn dispatched_payload(agent_id: &str) -> String {
+    serde_json::json!({ "agentId": agent_id }).to_string()
+}
+
+/// One event for each of `events` (task, attempt) in one statement.
+async fn insert_events(
+    conn: &mut sqlx::AnyConnection,
+    events: &[(&str, u32)],
+    name: &str,
+    payload: &str,
+) -> Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let values = value_rows(events.len(), 6, |b| format!("({})", placeholders(b, 6)));
+    let sql = format!(
+        "INSERT INTO task_events (id, task_id, attempt, name, payload, created_at) VALUES {values}"
+    );
+    let now = paddock_proto::now_ms();
+    let mut q = sqlx::query(&sql);
+    for (task_id, attempt) in events {
+        q = q
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(*task_id)
+            .bind(i64::from(*attempt))
+            .bind(name)
+            .bind(payload)
+            .bind(now);
+    }
+    q.execute(conn).await?;
+    Ok(())
+}
+
+/// The `dispatched` events of claimed rows (`RETURNING id, attempt, ...`), in the claim's
+/// transaction.
+async fn insert_dispatched_events(
+    conn: &mut sqlx::AnyConnection,
+    rows: &[AnyRow],
+    payload: &str,
+) -> Result<()> {
+    let claimed: Vec<(String, u32)> = rows
+        .iter()
+        .map(|r| Ok((r.col("id")?, r.col::<i64>("attempt")? as u32)))
+        .collect::<Result<_>>()?;
+    let events: Vec<(&str, u32)> = claimed.iter().map(|(id, a)| (id.as_str(), *a)).collect();
+    insert_events(conn, &events, "dispatched", payload).await
+}
+
 /// The completion statement (built once: `sqlx::query` needs a `&'static str` here).
 static COMPLETE_SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
+/// The completion statement: $1 state, $2 now, $3 started, $4 exit code, $5 error code,
+/// $6 error message, $7 result JSON, $8 expiry, $9 task, $10 org, $11 attempt, $12 agent.
+pub(crate) fn complete_sql() -> &'static str {
+    COMPLETE_SQL.get_or_init(|| {
+        format!(
+            "UPDATE tasks SET state = $1, finished_at = $2, updated_at = $2, started_at = COALESCE(started_at, $3), exit_code = $4, error_code = $5, error_message = $6, result = $7, expires_at = $8, lease_expires_at = NULL \
+             WHERE id = $9 AND org_id = $10 AND attempt = $11 AND state IN ('queued', 'dispatched', 'running') AND agent_id = $12 \
+             RETURNING {TASK_COLUMNS}"
+        )
+    })
+}
+
+/// The new state and the stored JSON of a result.
+pub(crate) fn result_columns(result: &TaskResult) -> Result<(TaskState, String)> {
+    let json = serde_json::to_string(result).map_err(|e| corrupt("tasks.result", e))?;
+    Ok((TaskState::from_result(result.status), json))
+}
+
+/// The statement of [`Store::complete_task`] for `result`, bound.
 fn complete_query<'q>(
     org_id: &'q str,
     agent_id: &'q str,
     result: &'q TaskResult,
     ttl_ms: i64,
 ) -> Result<sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>> {
-    let state = TaskState::from_result(result.status);
+    let (state, json) = result_columns(result)?;
     let now = paddock_proto::now_ms();
-    let json = serde_json::to_string(result).map_err(|e| corrupt("tasks.result", e))?;
-    Ok(sqlx::query(COMPLETE_SQL.get_or_init(|| {
-        format!(
-            "UPDATE tasks SET state = $1, finished_at = $2, updated_at = $2, started_at = COALESCE(started_at, $3), exit_code = $4, error_code = $5, error_message = $6, result = $7, expires_at = $8, lease_expires_at = NULL \
-             WHERE id = $9 AND org_id = $10 AND attempt = $11 AND state IN ('queued', 'dispatched', 'running') AND agent_id = $12 \
-             RETURNING {TASK_COLUMNS}"
-        )
-    }))
-    .bind(state.as_str())
-    .bind(now)
-    .bind(result.started_at_ms)
-    .bind(result.exit_code.map(i64::from))
-    .bind(result.error_code.map(|c| c.as_str().to_string()))
-    .bind(result.error_message.clone())
-    .bind(json)
-    .bind(now + ttl_ms)
-    .bind(&result.task_id)
-    .bind(org_id)
-    .bind(i64::from(result.attempt))
-    .bind(agent_id))
+    Ok(sqlx::query(complete_sql())
+        .bind(state.as_str())
+        .bind(now)
+        .bind(result.started_at_ms)
+        .bind(result.exit_code.map(i64::from))
+        .bind(result.error_code.map(|c| c.as_str().to_string()))
+        .bind(result.error_message.clone())
+        .bind(json)
+        .bind(now + ttl_ms)
+        .bind(&result.task_id)
+        .bind(org_id)
+        .bind(i64::from(result.attempt))
+        .bind(agent_id))
 }
 
-/// The claim itself, on one connection: inside a transaction on PostgreSQL (the advisory
-/// lock and the row locks live until commit); on SQLite a plain connection, because a
-/// deferred transaction that reads then writes fails at once with `SQLITE_BUSY` when another
-/// connection wrote in between, and the one dispatcher per process already serialises claims.
-async fn claim_rows(
-    conn: &mut sqlx::AnyConnection,
-    dialect: Dialect,
-    req: &ClaimRequest<'_>,
-) -> Result<Vec<AnyRow>> {
-    let mut limit = i64::from(req.limit);
-    if let Some(max) = req.org_max_inflight {
-        if dialect == Dialect::Postgres {
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-                .bind(req.org_id)
-                .execute(&mut *conn)
-                .await?;
-        }
-        let inflight: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM tasks WHERE org_id = $1 AND state IN ('dispatched', 'running')",
-        )
-        .bind(req.org_id)
-        .fetch_one(&mut *conn)
-        .await?;
-        limit = limit.min(i64::from(max) - inflight);
-        if limit <= 0 {
-            return Ok(Vec::new());
-        }
-    }
+/// An org's dispatched and running tasks ($1 org), for `GATEWAY_ORG_MAX_INFLIGHT`.
+pub(crate) const INFLIGHT_SQL: &str =
+    "SELECT COUNT(*) FROM tasks WHERE org_id = $1 AND state IN ('dispatched', 'running')";
+
+/// The claim statement for `req`, or `None` when it can claim nothing (an instance's agent
+/// without tags). Bound values: $1 agent, $2 lease, $3 now, $4 org, $5 limit, then the
+/// kinds, tags and backends from $6 on, in that order ([`claim_values`]).
+pub(crate) fn claim_sql(dialect: Dialect, req: &ClaimRequest<'_>) -> Option<String> {
     // The pick is a materialised CTE: as a plain `IN (SELECT .. LIMIT)` PostgreSQL may
     // evaluate the subquery more than once and claim past the limit.
     // $1 agent, $2 lease, $3 now, $4 org, $5 limit, then kinds, tags, backends.
@@ -1117,7 +1208,7 @@ async fn claim_rows(
     next += req.kinds.len();
     let tag_clause = if req.tags.is_empty() {
         if req.instance {
-            return Ok(Vec::new());
+            return None;
         }
         "required_tag IS NULL".to_string()
     } else {
@@ -1141,20 +1232,55 @@ async fn claim_rows(
         Dialect::Postgres => ("FOR UPDATE SKIP LOCKED", "state"),
         Dialect::Sqlite => ("", "+state"),
     };
-    let sql = format!(
+    Some(format!(
         "WITH picked AS MATERIALIZED (SELECT id FROM tasks WHERE org_id = $4 AND state = 'queued' AND cancel_requested = 0 AND queue_deadline_at > $3 \
              AND kind IN ({kinds}) AND {tag_clause} AND {backend_clause} ORDER BY created_at, id LIMIT $5 {lock}) \
              UPDATE tasks SET state = 'dispatched', agent_id = $1, attempt = attempt + 1, lease_expires_at = $2, dispatched_at = $3, started_at = NULL, updated_at = $3 \
              WHERE {outer_state} = 'queued' AND id IN (SELECT id FROM picked) \
              RETURNING id, attempt, spec, created_at"
-    );
+    ))
+}
+
+/// The values the claim statement binds from $6 on: kinds, tags, backends.
+pub(crate) fn claim_values<'a>(req: &ClaimRequest<'a>) -> impl Iterator<Item = &'a String> {
+    req.kinds.iter().chain(req.tags).chain(req.backends)
+}
+
+/// The claim through sqlx, inside the caller's transaction (on PostgreSQL the advisory lock
+/// and the row locks live until commit). An ordinary claim on SQLite goes through
+/// [`crate::hot::claim`] instead.
+async fn claim_rows(
+    conn: &mut sqlx::AnyConnection,
+    dialect: Dialect,
+    req: &ClaimRequest<'_>,
+) -> Result<Vec<AnyRow>> {
+    let mut limit = i64::from(req.limit);
+    if let Some(max) = req.org_max_inflight {
+        if dialect == Dialect::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+                .bind(req.org_id)
+                .execute(&mut *conn)
+                .await?;
+        }
+        let inflight: i64 = sqlx::query_scalar(INFLIGHT_SQL)
+            .bind(req.org_id)
+            .fetch_one(&mut *conn)
+            .await?;
+        limit = limit.min(i64::from(max) - inflight);
+        if limit <= 0 {
+            return Ok(Vec::new());
+        }
+    }
+    let Some(sql) = claim_sql(dialect, req) else {
+        return Ok(Vec::new());
+    };
     let mut q = sqlx::query(&sql)
         .bind(req.agent_id)
         .bind(req.lease_until)
         .bind(req.now)
         .bind(req.org_id)
         .bind(limit);
-    for v in req.kinds.iter().chain(req.tags).chain(req.backends) {
+    for v in claim_values(req) {
         q = q.bind(v);
     }
     Ok(q.fetch_all(&mut *conn).await?)

@@ -51,6 +51,7 @@ contract!(
     instance_claims_are_targeted_gated_and_counted,
     gateway_secret_is_shared_and_stable,
     batched_inserts_keep_order_and_are_all_or_none,
+    claims_record_their_dispatched_events,
 );
 
 fn shell(argv: &[&str]) -> TaskSpec {
@@ -502,6 +503,54 @@ async fn claims_honour_limit_and_org_cap(store: Store) {
         1,
         "a finished task frees a slot"
     );
+}
+
+/// A claim writes one `dispatched` event per task it claimed, naming the agent, in the same
+/// transaction; a claim that finds nothing writes nothing.
+async fn claims_record_their_dispatched_events(store: Store) {
+    let org = store.create_org("acme").await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(
+            store
+                .insert_task(&new_task(&org.id, shell(&["echo", &i.to_string()])))
+                .await
+                .unwrap(),
+        );
+    }
+    let a = AgentView::plain();
+    let got = store.claim_tasks(&a.req(&org.id, "a1", 2)).await.unwrap();
+    assert_eq!(got.len(), 2);
+    for c in &got {
+        let events = store.list_events(&c.id).await.unwrap();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].name, "dispatched");
+        assert_eq!(events[0].attempt, c.attempt);
+        assert_eq!(events[0].payload, serde_json::json!({ "agentId": "a1" }));
+    }
+    assert!(
+        store.list_events(&ids[2]).await.unwrap().is_empty(),
+        "the task left queued has no event"
+    );
+    // Another agent takes the last one; then nothing is left and nothing more is written.
+    assert_eq!(
+        store
+            .claim_tasks(&a.req(&org.id, "a2", 5))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(
+        store
+            .claim_tasks(&a.req(&org.id, "a2", 5))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    for id in &ids {
+        assert_eq!(store.list_events(id).await.unwrap().len(), 1, "task {id}");
+    }
 }
 
 async fn batched_results_are_judged_one_by_one(store: Store) {
@@ -1786,4 +1835,26 @@ async fn batched_inserts_keep_order_and_are_all_or_none(store: Store) {
         before
     );
     assert!(store.insert_tasks(&[]).await.unwrap().is_empty());
+}
+
+/// `sqlite::memory:` is one private database that every connection of the store sees (the
+/// writer's two and the readers), gone with the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_memory_is_one_database_for_writer_and_readers() {
+    let store = Store::connect("sqlite::memory:").await.unwrap();
+    let org = store.create_org("acme").await.unwrap();
+    let id = store
+        .insert_task(&new_task(&org.id, shell(&["true"])))
+        .await
+        .unwrap();
+    // Read through the readers.
+    let task = store.get_task(&org.id, &id).await.unwrap().unwrap();
+    assert_eq!(task.state, TaskState::Queued);
+    let a = AgentView::plain();
+    let got = store.claim_tasks(&a.req(&org.id, "a1", 1)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        store.get_task(&org.id, &id).await.unwrap().unwrap().state,
+        TaskState::Dispatched
+    );
 }

@@ -1,0 +1,154 @@
+//! The statements on every task's path, on a SQLite file: submission, claim (with its
+//! `dispatched` events) and completion, run on the writer's `rusqlite` connection
+//! ([`crate::writer`]) where they are called, each in one `BEGIN IMMEDIATE` transaction.
+//!
+//! They are the same statements as the sqlx path PostgreSQL takes (the SQL text is shared,
+//! with `$n` written `?n`, SQLite's numbered form), and the store contract suite runs both.
+
+use std::sync::OnceLock;
+
+use rusqlite::{Connection, TransactionBehavior, params};
+
+use paddock_proto::TaskResult;
+
+use crate::tasks::{
+    ClaimRequest, ClaimedTask, INFLIGHT_SQL, InsertRow, TaskRow, claim_sql, claim_values,
+    claimed_from_row, complete_sql, result_columns, task_from_row,
+};
+use crate::{Dialect, Result};
+
+const INSERT_SQL: &str = "INSERT INTO tasks (id, org_id, kind, required_tag, backend, spec, state, attempt, max_attempts, queue_deadline_at, created_at, updated_at) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', 0, ?7, ?8, ?9, ?9)";
+
+const EVENT_SQL: &str = "INSERT INTO task_events (id, task_id, attempt, name, payload, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+
+/// `sql` with its `$n` placeholders written `?n` (the same numbered parameter for SQLite;
+/// rusqlite binds by number only in this form).
+fn numbered(sql: &str) -> String {
+    sql.replace('$', "?")
+}
+
+/// Inserts queued tasks, all or none.
+pub(crate) fn insert_tasks(conn: &mut Connection, rows: &[InsertRow<'_>], now: i64) -> Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    {
+        let mut stmt = tx.prepare_cached(INSERT_SQL)?;
+        for r in rows {
+            stmt.execute(params![
+                r.id,
+                r.task.org_id,
+                r.task.spec.kind,
+                r.required_tag,
+                r.task.spec.sandbox.backend,
+                r.spec,
+                i64::from(r.task.max_attempts.max(1)),
+                r.task.queue_deadline_at,
+                now,
+            ])?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Claims up to `req.limit` queued tasks for an agent (not an instance's: those go through
+/// the sqlx path, with the instance's row) and records their `dispatched` events with
+/// `payload`, in one transaction. A claim that finds nothing writes nothing.
+pub(crate) fn claim(
+    conn: &mut Connection,
+    req: &ClaimRequest<'_>,
+    payload: &str,
+) -> Result<Vec<ClaimedTask>> {
+    let Some(sql) = claim_sql(Dialect::Sqlite, req) else {
+        return Ok(Vec::new());
+    };
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut limit = i64::from(req.limit);
+    if let Some(max) = req.org_max_inflight {
+        let inflight: i64 = tx
+            .prepare_cached(&numbered(INFLIGHT_SQL))?
+            .query_row([req.org_id], |r| r.get(0))?;
+        limit = limit.min(i64::from(max) - inflight);
+        if limit <= 0 {
+            return Ok(Vec::new());
+        }
+    }
+    let mut claimed = Vec::new();
+    {
+        let mut stmt = tx.prepare_cached(&numbered(&sql))?;
+        stmt.raw_bind_parameter(1, req.agent_id)?;
+        stmt.raw_bind_parameter(2, req.lease_until)?;
+        stmt.raw_bind_parameter(3, req.now)?;
+        stmt.raw_bind_parameter(4, req.org_id)?;
+        stmt.raw_bind_parameter(5, limit)?;
+        for (i, v) in claim_values(req).enumerate() {
+            stmt.raw_bind_parameter(6 + i, v)?;
+        }
+        let mut rows = stmt.raw_query();
+        while let Some(row) = rows.next()? {
+            claimed.push(claimed_from_row(row)?);
+        }
+    }
+    if claimed.is_empty() {
+        // Dropping the transaction rolls it back: nothing was written.
+        return Ok(claimed);
+    }
+    {
+        let mut stmt = tx.prepare_cached(EVENT_SQL)?;
+        let now = paddock_proto::now_ms();
+        for c in &claimed {
+            stmt.execute(params![
+                uuid::Uuid::now_v7().to_string(),
+                c.id,
+                i64::from(c.attempt),
+                "dispatched",
+                payload,
+                now,
+            ])?;
+        }
+    }
+    tx.commit()?;
+    Ok(claimed)
+}
+
+/// Stores results of one agent in one transaction; for each, the stored row or `None` when
+/// it was not stored (see [`crate::Store::complete_task`]).
+pub(crate) fn complete(
+    conn: &mut Connection,
+    org_id: &str,
+    agent_id: &str,
+    results: &[TaskResult],
+    ttl_ms: i64,
+) -> Result<Vec<Option<TaskRow>>> {
+    static SQL: OnceLock<String> = OnceLock::new();
+    let sql = SQL.get_or_init(|| numbered(complete_sql()));
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut stored = Vec::with_capacity(results.len());
+    {
+        let mut stmt = tx.prepare_cached(sql)?;
+        for r in results {
+            let (state, json) = result_columns(r)?;
+            let now = paddock_proto::now_ms();
+            let mut rows = stmt.query(params![
+                state.as_str(),
+                now,
+                r.started_at_ms,
+                r.exit_code.map(i64::from),
+                r.error_code.map(|c| c.as_str()),
+                r.error_message.as_deref(),
+                json,
+                now + ttl_ms,
+                r.task_id,
+                org_id,
+                i64::from(r.attempt),
+                agent_id,
+            ])?;
+            stored.push(match rows.next()? {
+                Some(row) => Some(task_from_row(row)?),
+                None => None,
+            });
+        }
+    }
+    tx.commit()?;
+    Ok(stored)
+}
