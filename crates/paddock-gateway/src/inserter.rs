@@ -2,10 +2,12 @@
 //!
 //! Each `POST .../tasks` (and `/tasks/run`) hands its task to one writer task, which stores
 //! every submission waiting at that moment (up to [`paddock_store::INSERT_CHUNK`]) with one
-//! multi-row `INSERT` — one statement and one commit for all of them — then offers the new
-//! tasks to this replica's agents at once ([`crate::dispatcher::dispatch_now`]: the claim
-//! runs here, not after a wake-up of the dispatcher) and publishes one `TaskReady` per org
-//! of the batch to the other replicas. A lone submission goes through at once (no timer, no
+//! multi-row `INSERT` — one statement and one commit for all of them. On SQLite it then offers
+//! the new tasks to this replica's agents at once ([`crate::dispatcher::dispatch_now`]: the
+//! claim runs here, not after a wake-up of the dispatcher; with one writer it could not run
+//! beside the next insert anyway); on PostgreSQL it wakes the dispatcher, which claims on
+//! another connection while the next batch is inserted. One `TaskReady` per org of the batch
+//! goes to the orgs' watchers and the other replicas. A lone submission goes through at once (no timer, no
 //! added wait); under concurrent load the batches grow by themselves. A submission is
 //! answered only after its row is committed, so the durability of a `202` is unchanged.
 //!
@@ -115,10 +117,23 @@ async fn write(state: &AppState, batch: Vec<Pending>) {
         .filter(|(_, r)| r.is_ok())
         .map(|(t, _)| t.org_id.clone())
         .collect();
-    // This replica's agents get the new work at once, without waking the dispatcher; other
-    // replicas and the orgs' watchers hear of it through the bus.
-    crate::dispatcher::dispatch_now(state, orgs.clone()).await;
-    bus::publish_ready_dispatched(state, orgs.into_iter().collect()).await;
+    if state.store.dialect() == paddock_store::Dialect::Sqlite {
+        // One writer: the claim could not run beside the next insert anyway, so this
+        // replica's agents get the new work at once, without waking the dispatcher; the
+        // orgs' watchers hear of it through the bus.
+        crate::dispatcher::dispatch_now(state, orgs.clone()).await;
+        bus::publish_ready_dispatched(state, orgs.into_iter().collect()).await;
+    } else {
+        // PostgreSQL: the dispatcher claims on its own connection while the next batch is
+        // inserted on another.
+        bus::publish_all(
+            state,
+            orgs.into_iter()
+                .map(|org| bus::BusEvent::TaskReady { org })
+                .collect(),
+        )
+        .await;
+    }
     for (reply, result) in replies.into_iter().zip(results) {
         // A caller that went away no longer needs its answer; the task is stored anyway.
         let _ = reply.send(result);
