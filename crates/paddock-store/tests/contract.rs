@@ -70,6 +70,20 @@ fn shell(argv: &[&str]) -> TaskSpec {
     }
 }
 
+/// Queues `n` tasks `echo 0`, `echo 1`, ... one by one; returns their ids in order.
+async fn insert_echo_tasks(store: &Store, org: &str, n: usize) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        ids.push(
+            store
+                .insert_task(&new_task(org, shell(&["echo", &i.to_string()])))
+                .await
+                .unwrap(),
+        );
+    }
+    ids
+}
+
 fn new_task(org: &str, spec: TaskSpec) -> NewTask {
     NewTask {
         id: None,
@@ -458,15 +472,7 @@ async fn claims_follow_selector_kind_backend_and_org(store: Store) {
 
 async fn claims_honour_limit_and_org_cap(store: Store) {
     let org = store.create_org("acme").await.unwrap();
-    let mut ids = Vec::new();
-    for i in 0..6 {
-        ids.push(
-            store
-                .insert_task(&new_task(&org.id, shell(&["echo", &i.to_string()])))
-                .await
-                .unwrap(),
-        );
-    }
+    let ids = insert_echo_tasks(&store, &org.id, 6).await;
     let a = AgentView::plain();
     let got = store.claim_tasks(&a.req(&org.id, "a1", 2)).await.unwrap();
     assert_eq!(
@@ -509,15 +515,7 @@ async fn claims_honour_limit_and_org_cap(store: Store) {
 /// transaction; a claim that finds nothing writes nothing.
 async fn claims_record_their_dispatched_events(store: Store) {
     let org = store.create_org("acme").await.unwrap();
-    let mut ids = Vec::new();
-    for i in 0..3 {
-        ids.push(
-            store
-                .insert_task(&new_task(&org.id, shell(&["echo", &i.to_string()])))
-                .await
-                .unwrap(),
-        );
-    }
+    let ids = insert_echo_tasks(&store, &org.id, 3).await;
     let a = AgentView::plain();
     let got = store.claim_tasks(&a.req(&org.id, "a1", 2)).await.unwrap();
     assert_eq!(got.len(), 2);
@@ -555,15 +553,7 @@ async fn claims_record_their_dispatched_events(store: Store) {
 
 async fn batched_results_are_judged_one_by_one(store: Store) {
     let org = store.create_org("acme").await.unwrap();
-    let mut ids = Vec::new();
-    for i in 0..3 {
-        ids.push(
-            store
-                .insert_task(&new_task(&org.id, shell(&["echo", &i.to_string()])))
-                .await
-                .unwrap(),
-        );
-    }
+    let ids = insert_echo_tasks(&store, &org.id, 3).await;
     let a = AgentView::plain();
     assert_eq!(
         store
