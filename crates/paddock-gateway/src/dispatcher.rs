@@ -164,6 +164,9 @@ async fn round(state: &AppState, scope: Scope) -> Result<bool, paddock_store::St
             continue;
         }
         let sent = claim_for(state, &handle, free).await?;
+        // Fewer than asked: nothing more is queued for it now. (An agent passed over while
+        // full got there by a claim that filled it, so it is still marked.)
+        handle.set_wants_more(sent == free);
         if sent == free {
             more = true;
         }

@@ -689,8 +689,11 @@ async fn finish_results(
     }
     // Waiters here and on other replicas: one notification for the batch.
     bus::publish_all(state, events).await;
-    // Slots of this agent freed: only its org can use them.
-    state.dispatch_wake.org(&agent.org_id);
+    // Slots of this agent freed: only its org can use them, and only if work may be waiting
+    // for it (its last claim filled every slot: a round may since have passed it over).
+    if handle.wants_more() {
+        state.dispatch_wake.org(&agent.org_id);
+    }
     Ok(acks)
 }
 

@@ -34,6 +34,11 @@ pub struct AgentHandle {
     in_flight: Mutex<HashMap<String, u32>>,
     /// Outgoing messages to the session.
     pub tx: mpsc::UnboundedSender<GatewayMessage>,
+    /// Whether queued work may be waiting for this agent: its last claim filled every free
+    /// slot (so a round may since have passed it over, full), or it has not claimed yet. A
+    /// freed slot wakes the dispatcher only then; otherwise the claim would find nothing, and
+    /// new work comes with `TaskReady`.
+    wants_more: std::sync::atomic::AtomicBool,
     /// Fired to close the session (revocation, replacement, shutdown).
     pub close: CancellationToken,
     /// Why `close` was fired, sent to the agent as an `error` before closing.
@@ -59,6 +64,16 @@ impl AgentHandle {
     pub fn free_slots(&self) -> u32 {
         self.max_in_flight
             .saturating_sub(lock(&self.in_flight).len() as u32)
+    }
+
+    /// See the field: whether a freed slot should wake the dispatcher.
+    pub fn wants_more(&self) -> bool {
+        self.wants_more.load(Ordering::Relaxed)
+    }
+
+    /// Set by dispatch rounds (see the field).
+    pub fn set_wants_more(&self, more: bool) {
+        self.wants_more.store(more, Ordering::Relaxed);
     }
 
     /// Number of tasks in flight.
@@ -144,6 +159,7 @@ impl Hub {
             tags: Mutex::new(reg.tags),
             in_flight: Mutex::new(HashMap::new()),
             tx,
+            wants_more: std::sync::atomic::AtomicBool::new(true),
             close: CancellationToken::new(),
             close_reason: Mutex::new(None),
         });

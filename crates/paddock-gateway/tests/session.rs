@@ -81,10 +81,15 @@ impl Drop for Harness {
 }
 
 async fn harness() -> Harness {
+    harness_with_tick(Duration::from_millis(50)).await
+}
+
+/// `tick`: the dispatcher's periodic sweep (an hour: only wake-ups dispatch).
+async fn harness_with_tick(tick: Duration) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("paddock.db").display());
     let mut cfg = GatewayConfig::new(url);
-    cfg.tick = Duration::from_millis(50);
+    cfg.tick = tick;
     cfg.lease = Duration::from_secs(2);
     cfg.heartbeat_interval = HEARTBEAT;
     cfg.max_frame_bytes = MAX_FRAME;
@@ -924,6 +929,80 @@ async fn max_in_flight_is_honoured() {
     for id in &ids[3..] {
         assert_eq!(h.task(&h.org.id, id).await.state, TaskState::Queued);
     }
+}
+
+/// Sends the result of `d` and returns the next dispatch that follows its acknowledgement,
+/// if any arrives within 300 ms.
+async fn finish_and_next(
+    c: &mut Conn,
+    d: &paddock_proto::Dispatch,
+) -> Option<paddock_proto::Dispatch> {
+    c.send(&AgentMessage::Result(result(
+        &d.task_id,
+        d.attempt,
+        ResultStatus::Succeeded,
+        "",
+    )));
+    let mut acked = false;
+    let mut next = None;
+    while !acked || next.is_none() {
+        match tokio::time::timeout(Duration::from_millis(300), c.recv()).await {
+            Ok(GatewayMessage::ResultAck(a)) => {
+                assert!(a.stored);
+                acked = true;
+            }
+            Ok(GatewayMessage::Dispatch(n)) => next = Some(*n),
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(_) => break,
+        }
+    }
+    assert!(acked, "no result_ack");
+    next
+}
+
+/// Without the periodic sweep, freed slots still get queued work at once: a result wakes
+/// the dispatcher while work may be waiting for the agent (its last claim filled every slot,
+/// so a round may have passed it over while full), and not once the queue is empty for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freed_slots_get_waiting_work_without_the_sweep() {
+    let h = harness_with_tick(Duration::from_secs(3600)).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(h.insert(&h.org.id, &echo_spec(&format!("t{i}"))).await);
+    }
+    let mut c = h.connect();
+    c.hello(1, vec![]).await;
+    let handle = h.state.hub.get(&h.agent.id).unwrap();
+    let mut d = c.expect_dispatch().await;
+    assert_eq!(d.task_id, ids[0]);
+    for id in &ids[1..] {
+        let next = finish_and_next(&mut c, &d)
+            .await
+            .expect("the next queued task");
+        assert_eq!(&next.task_id, id, "oldest first");
+        d = next;
+    }
+    // The last one: its slot frees, the claim finds nothing, and the agent is marked so.
+    assert!(finish_and_next(&mut c, &d).await.is_none());
+    assert!(!handle.wants_more(), "nothing is queued for it");
+
+    // New work (what `TaskReady` does) goes to the free slot.
+    let t4 = h.insert(&h.org.id, &echo_spec("t4")).await;
+    h.state.dispatch_wake.org(&h.org.id);
+    let d4 = c.expect_dispatch().await;
+    assert_eq!(d4.task_id, t4);
+    // More work while the agent is full: the round passes it over; it is still marked.
+    let t5 = h.insert(&h.org.id, &echo_spec("t5")).await;
+    h.state.dispatch_wake.org(&h.org.id);
+    c.expect_silence(Duration::from_millis(200)).await;
+    assert!(
+        handle.wants_more(),
+        "a full agent passed over must look again"
+    );
+    let d5 = finish_and_next(&mut c, &d4)
+        .await
+        .expect("t5 after t4's slot frees");
+    assert_eq!(d5.task_id, t5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
