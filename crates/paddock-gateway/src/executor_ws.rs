@@ -32,6 +32,12 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Malformed frames tolerated in one session before it is closed.
 const MAX_BAD_FRAMES: u32 = 16;
 
+/// Longest a `result_ack` waits in the write buffer for a frame to share a write with. The
+/// agent keeps a result until it is acknowledged (and re-sends it after a reconnect), so a
+/// later ack costs nothing but memory; sent at once, it would be one more write and one more
+/// wake-up of the agent between a result and the caller's answer.
+const ACK_LINGER: Duration = Duration::from_millis(2);
+
 /// `GET /ws/executor`: authenticates the agent token (`Authorization: Bearer <orgId>.<secret>`)
 /// before upgrading.
 pub(crate) async fn ws_executor(
@@ -338,6 +344,9 @@ where
             .min(Duration::from_secs(1))
             .max(Duration::from_millis(100)),
     );
+    // Acks written to the sink's buffer and not yet flushed: flushed by the next frame sent,
+    // or at this instant.
+    let mut acks_due: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             biased;
@@ -355,7 +364,20 @@ where
             }
             out = rx.recv() => {
                 let Some(msg) = out else { break };
+                // Flushes any acks written before it, in the same write.
+                acks_due = None;
                 if sink.send(encode(&msg)).await.is_err() {
+                    break;
+                }
+            }
+            () = async {
+                match acks_due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                acks_due = None;
+                if sink.flush().await.is_err() {
                     break;
                 }
             }
@@ -394,7 +416,7 @@ where
                                         break;
                                     }
                                 }
-                                ok = ok && sink.flush().await.is_ok();
+                                acks_due.get_or_insert_with(|| tokio::time::Instant::now() + ACK_LINGER);
                             }
                             Err(fatal) => {
                                 let _ = sink.send(encode(&fatal)).await;

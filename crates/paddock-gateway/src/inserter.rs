@@ -51,7 +51,7 @@ pub(crate) fn channel() -> (Inserter, Receiver) {
 
 impl Inserter {
     /// Stores a queued task (batched with concurrent submissions) and returns its id once it
-    /// is committed and its org's dispatchers are woken.
+    /// is committed (its dispatch follows at once, on the writer).
     ///
     /// # Errors
     /// `500 INTERNAL` (the database error is logged, not shown), or `503 UNAVAILABLE` when
@@ -117,6 +117,13 @@ async fn write(state: &AppState, batch: Vec<Pending>) {
         .filter(|(_, r)| r.is_ok())
         .map(|(t, _)| t.org_id.clone())
         .collect();
+    // Answered as soon as committed, before the dispatch: the task is stored either way, and
+    // the agent session woken last by the dispatch is the one this worker runs next (tokio's
+    // LIFO slot), so the dispatch is written on this thread instead of waking another.
+    for (reply, result) in replies.into_iter().zip(results) {
+        // A caller that went away no longer needs its answer; the task is stored anyway.
+        let _ = reply.send(result);
+    }
     if state.store.dialect() == paddock_store::Dialect::Sqlite {
         // One writer: the claim could not run beside the next insert anyway, so this
         // replica's agents get the new work at once, without waking the dispatcher; the
@@ -133,10 +140,6 @@ async fn write(state: &AppState, batch: Vec<Pending>) {
                 .collect(),
         )
         .await;
-    }
-    for (reply, result) in replies.into_iter().zip(results) {
-        // A caller that went away no longer needs its answer; the task is stored anyway.
-        let _ = reply.send(result);
     }
 }
 

@@ -29,7 +29,12 @@ const HEARTBEAT: Duration = Duration::from_millis(250);
 // Channel adapters: a tokio channel as `Sink<Frame>` and `Stream<Item = Frame>`.
 // ---------------------------------------------------------------------------------------
 
-struct ChanSink(mpsc::UnboundedSender<Frame>);
+/// A channel as the session's sink. `buffered` behaves like a socket's write buffer: frames
+/// reach the other end only when the session flushes.
+struct ChanSink {
+    tx: mpsc::UnboundedSender<Frame>,
+    buffered: Option<Vec<Frame>>,
+}
 
 impl Sink<Frame> for ChanSink {
     type Error = &'static str;
@@ -38,11 +43,25 @@ impl Sink<Frame> for ChanSink {
         Poll::Ready(Ok(()))
     }
 
-    fn start_send(self: Pin<&mut Self>, item: Frame) -> Result<(), Self::Error> {
-        self.0.send(item).map_err(|_| "receiver dropped")
+    fn start_send(mut self: Pin<&mut Self>, item: Frame) -> Result<(), Self::Error> {
+        match &mut self.buffered {
+            Some(buf) => {
+                buf.push(item);
+                Ok(())
+            }
+            None => self.tx.send(item).map_err(|_| "receiver dropped"),
+        }
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+    fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        let this = &mut *self;
+        if let Some(buf) = &mut this.buffered {
+            for f in buf.drain(..) {
+                if this.tx.send(f).is_err() {
+                    return Poll::Ready(Err("receiver dropped"));
+                }
+            }
+        }
         Poll::Ready(Ok(()))
     }
 
@@ -116,12 +135,25 @@ impl Harness {
     }
 
     fn connect_as(&self, agent: &Agent) -> Conn {
+        self.connect_with(agent, false)
+    }
+
+    /// A session whose frames reach the test only when the gateway flushes its sink.
+    fn connect_buffered(&self) -> Conn {
+        self.connect_with(&self.agent, true)
+    }
+
+    fn connect_with(&self, agent: &Agent, buffered: bool) -> Conn {
         let (to_gw, stream_rx) = mpsc::unbounded_channel();
         let (sink_tx, from_gw) = mpsc::unbounded_channel();
+        let sink = ChanSink {
+            tx: sink_tx,
+            buffered: buffered.then(Vec::new),
+        };
         let join = tokio::spawn(run_session(
             self.state.clone(),
             agent.clone(),
-            ChanSink(sink_tx),
+            sink,
             ChanStream(stream_rx),
         ));
         Conn {
@@ -1003,6 +1035,63 @@ async fn freed_slots_get_waiting_work_without_the_sweep() {
         .await
         .expect("t5 after t4's slot frees");
     assert_eq!(d5.task_id, t5);
+}
+
+/// A `result_ack` may wait in the write buffer for company (the next dispatch), but it is
+/// always flushed: alone after a short linger, or ahead of any frame sent after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_are_flushed_alone_or_ahead_of_the_next_frame() {
+    let h = harness().await;
+    let a = h.insert(&h.org.id, &echo_spec("a")).await;
+    let b = h.insert(&h.org.id, &echo_spec("b")).await;
+    let mut c = h.connect_buffered();
+    c.hello(1, vec![]).await;
+    let first = c.expect_dispatch().await.task_id;
+    assert_eq!(first, a, "oldest first");
+    // The result frees the only slot: `b`'s dispatch follows, in the same write as the ack.
+    c.send(&AgentMessage::Result(result(
+        &a,
+        1,
+        ResultStatus::Succeeded,
+        "a\n",
+    )));
+    let ack = c.expect_ack().await;
+    assert_eq!(
+        (ack.task_id.as_str(), ack.attempt, ack.stored),
+        (a.as_str(), 1, true)
+    );
+    assert_eq!(c.expect_dispatch().await.task_id, b);
+    // The last task: no dispatch follows its result, so only the linger flushes the ack.
+    c.send(&AgentMessage::Result(result(
+        &b,
+        1,
+        ResultStatus::Succeeded,
+        "b\n",
+    )));
+    let ack = tokio::time::timeout(Duration::from_secs(1), c.expect_ack())
+        .await
+        .expect("a lone ack is flushed within its linger");
+    assert_eq!((ack.task_id.as_str(), ack.stored), (b.as_str(), true));
+    // Another result's ack, then a heartbeat whose answer is flushed at once: the ack is
+    // written first, so it arrives first.
+    c.send(&AgentMessage::Result(result(
+        &b,
+        1,
+        ResultStatus::Succeeded,
+        "b\n",
+    )));
+    c.send(&AgentMessage::Heartbeat(Heartbeat { ts_ms: 1 }));
+    let ack = c.expect_ack().await;
+    assert_eq!(
+        (ack.task_id.as_str(), ack.stored),
+        (b.as_str(), false),
+        "already finished"
+    );
+    match c.recv().await {
+        GatewayMessage::Heartbeat(_) => {}
+        other => panic!("expected the heartbeat answer, got {other:?}"),
+    }
+    assert_eq!(h.task(&h.org.id, &b).await.state, TaskState::Succeeded);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

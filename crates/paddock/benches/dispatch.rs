@@ -454,7 +454,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async {
+    // The measurements run as a task on a worker (as `paddock` itself does), not in
+    // `block_on` on this thread: no hand-off from the worker that saw a reply to a parked main
+    // thread. The floor and Paddock are measured the same way.
+    let main = rt.spawn(async move {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(120))
             .tcp_nodelay(true)
@@ -487,4 +490,5 @@ fn main() {
             None => println!("{text}"),
         }
     });
+    rt.block_on(main).unwrap();
 }

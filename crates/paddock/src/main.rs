@@ -83,7 +83,10 @@ fn main() {
             std::process::exit(EXIT_PADDOCK_ERROR);
         }
     };
-    let code = runtime.block_on(async move {
+    // The command runs as a task on a worker, not in `block_on` on this thread: a worker
+    // polls the I/O driver itself, so a socket's readiness is handled on the thread that saw
+    // it, with no hand-off to a parked main thread (two context switches per message).
+    let command = runtime.spawn(async move {
         let result = match cli.command {
             Command::Up(args) => up_cmd::run(args).await,
             Command::Gateway(args) => gateway_cmd::run(args).await,
@@ -106,6 +109,10 @@ fn main() {
                 EXIT_PADDOCK_ERROR
             }
         }
+    });
+    let code = runtime.block_on(command).unwrap_or_else(|e| {
+        eprintln!("error: the command stopped: {e}");
+        EXIT_PADDOCK_ERROR
     });
     // Exit without waiting for blocking tasks (a child's pipes, stdin readers).
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));
