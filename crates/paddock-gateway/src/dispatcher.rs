@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
 use paddock_proto::{Dispatch, GatewayMessage, now_ms};
-use paddock_store::ClaimRequest;
+use paddock_store::{ClaimRequest, ClaimedTask};
 
 use crate::AppState;
 use crate::hub::AgentHandle;
@@ -174,6 +174,115 @@ async fn round(state: &AppState, scope: Scope) -> Result<bool, paddock_store::St
     Ok(more)
 }
 
+/// The claim for `handle`'s `free` slots (`tags`: the agent's, read once).
+fn request<'a>(
+    state: &AppState,
+    handle: &'a AgentHandle,
+    tags: &'a [String],
+    free: u32,
+    now: i64,
+) -> ClaimRequest<'a> {
+    ClaimRequest {
+        org_id: &handle.org_id,
+        agent_id: &handle.agent_id,
+        tags,
+        kinds: &handle.kinds,
+        backends: &handle.backends,
+        limit: free,
+        lease_until: lease_until(state, now),
+        org_max_inflight: state.cfg.org_max_inflight,
+        now,
+        instance: handle.instance,
+    }
+}
+
+fn lease_until(state: &AppState, now: i64) -> i64 {
+    now + state.cfg.lease.as_millis() as i64
+}
+
+/// Claims made with a submission's insert ([`insert_and_claim`]), to hand to the agents
+/// with [`deliver`] once the callers are answered. Holds the round lock until then.
+pub(crate) struct Claims<'a> {
+    _round: tokio::sync::MutexGuard<'a, ()>,
+    lease_until: i64,
+    agents: Vec<(Arc<AgentHandle>, u32, Vec<ClaimedTask>)>,
+    /// Orgs of instance agents with free slots: their claims lock the instance's row, so
+    /// the dispatcher makes them.
+    instance_orgs: BTreeSet<String>,
+}
+
+/// SQLite: stores a batch of submissions and, in the same transaction, claims for this
+/// replica's agents of the batch's orgs (each for its free slots, oldest queued work first,
+/// as a round would): one commit where an insert and a round took two. Nothing is stored if
+/// it fails.
+pub(crate) async fn insert_and_claim<'a>(
+    state: &'a AppState,
+    tasks: &[paddock_store::NewTask],
+) -> Result<(Vec<String>, Claims<'a>), paddock_store::StoreError> {
+    let round = state.dispatch_wake.round.lock().await;
+    let orgs: BTreeSet<&str> = tasks.iter().map(|t| t.org_id.as_str()).collect();
+    let mut open = Vec::new();
+    let mut instance_orgs = BTreeSet::new();
+    for handle in state.hub.snapshot() {
+        if handle.close.is_cancelled() || !orgs.contains(handle.org_id.as_str()) {
+            continue;
+        }
+        let free = handle.free_slots().min(MAX_BATCH);
+        if free == 0 {
+            continue;
+        }
+        if handle.instance {
+            instance_orgs.insert(handle.org_id.clone());
+            continue;
+        }
+        let tags = handle.tags();
+        open.push((handle, free, tags));
+    }
+    let now = now_ms();
+    let requests: Vec<ClaimRequest<'_>> = open
+        .iter()
+        .map(|(h, free, tags)| request(state, h, tags, *free, now))
+        .collect();
+    let (ids, claimed) = state.store.insert_tasks_and_claim(tasks, &requests).await?;
+    drop(requests);
+    let agents = open
+        .into_iter()
+        .zip(claimed)
+        .map(|((h, free, _), c)| (h, free, c))
+        .collect();
+    Ok((
+        ids,
+        Claims {
+            _round: round,
+            lease_until: lease_until(state, now),
+            agents,
+            instance_orgs,
+        },
+    ))
+}
+
+/// Hands the claims of [`insert_and_claim`] to their agents; wakes the dispatcher if an
+/// agent filled its batch (more may be queued) or instances are waiting.
+pub(crate) async fn deliver(state: &AppState, claims: Claims<'_>) {
+    let mut more = false;
+    for (handle, free, claimed) in claims.agents {
+        let n = claimed.len() as u32;
+        if let Err(e) = send_claimed(state, &handle, claimed, claims.lease_until).await {
+            tracing::warn!("dispatch failed: {e}");
+            more = true;
+        }
+        handle.set_wants_more(n == free);
+        more |= n == free;
+    }
+    drop(claims._round);
+    if more {
+        state.dispatch_wake.notify_one();
+    }
+    for org in &claims.instance_orgs {
+        state.dispatch_wake.org(org);
+    }
+}
+
 async fn claim_for(
     state: &AppState,
     handle: &Arc<AgentHandle>,
@@ -181,24 +290,24 @@ async fn claim_for(
 ) -> Result<u32, paddock_store::StoreError> {
     let tags = handle.tags();
     let now = now_ms();
-    let lease_until = now + state.cfg.lease.as_millis() as i64;
+    let lease_until = lease_until(state, now);
     let claimed = state
         .store
-        .claim_tasks(&ClaimRequest {
-            org_id: &handle.org_id,
-            agent_id: &handle.agent_id,
-            tags: &tags,
-            kinds: &handle.kinds,
-            backends: &handle.backends,
-            limit: free,
-            lease_until,
-            org_max_inflight: state.cfg.org_max_inflight,
-            now,
-            instance: handle.instance,
-        })
+        .claim_tasks(&request(state, handle, &tags, free, now))
         .await?;
     let n = claimed.len() as u32;
-    if handle.instance && n > 0 {
+    send_claimed(state, handle, claimed, lease_until).await?;
+    Ok(n)
+}
+
+/// Sends claimed tasks to their agent (a claim whose session ended is released).
+async fn send_claimed(
+    state: &AppState,
+    handle: &Arc<AgentHandle>,
+    claimed: Vec<ClaimedTask>,
+    lease_until: i64,
+) -> Result<(), paddock_store::StoreError> {
+    if handle.instance && !claimed.is_empty() {
         // Now `busy`: pool supervisors watching the org want to know.
         crate::bus::publish(
             state,
@@ -236,5 +345,5 @@ async fn claim_for(
     for (id, _) in &sent {
         state.waiters.notify(id);
     }
-    Ok(n)
+    Ok(())
 }

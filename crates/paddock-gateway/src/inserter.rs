@@ -2,11 +2,12 @@
 //!
 //! Each `POST .../tasks` (and `/tasks/run`) hands its task to one writer task, which stores
 //! every submission waiting at that moment (up to [`paddock_store::INSERT_CHUNK`]) with one
-//! multi-row `INSERT` — one statement and one commit for all of them. On SQLite it then offers
-//! the new tasks to this replica's agents at once ([`crate::dispatcher::dispatch_now`]: the
-//! claim runs here, not after a wake-up of the dispatcher; with one writer it could not run
-//! beside the next insert anyway); on PostgreSQL it wakes the dispatcher, which claims on
-//! another connection while the next batch is inserted. One `TaskReady` per org of the batch
+//! multi-row `INSERT` — one statement and one commit for all of them. On SQLite the same
+//! transaction claims the new work for this replica's agents
+//! ([`crate::dispatcher::insert_and_claim`]: no wake-up of the dispatcher, and one commit
+//! where an insert and a claim took two; with one writer the claim could not run beside the
+//! next insert anyway); on PostgreSQL it wakes the dispatcher, which claims on another
+//! connection while the next batch is inserted. One `TaskReady` per org of the batch
 //! goes to the orgs' watchers and the other replicas. A lone submission goes through at once (no timer, no
 //! added wait); under concurrent load the batches grow by themselves. A submission is
 //! answered only after its row is committed, so the durability of a `202` is unchanged.
@@ -96,6 +97,25 @@ pub(crate) async fn run(state: AppState, rx: Receiver) {
 async fn write(state: &AppState, batch: Vec<Pending>) {
     let (tasks, replies): (Vec<NewTask>, Vec<_>) =
         batch.into_iter().map(|p| (p.task, p.reply)).unzip();
+    if state.store.dialect() == paddock_store::Dialect::Sqlite {
+        // One writer: the batch and its dispatch to this replica's agents in one commit.
+        match crate::dispatcher::insert_and_claim(state, &tasks).await {
+            Ok((ids, claims)) => {
+                // Answered before the dispatch: the agent session woken last is the one
+                // this worker runs next (tokio's LIFO slot), so the dispatch is written on
+                // this thread instead of waking another.
+                for (reply, id) in replies.into_iter().zip(ids) {
+                    let _ = reply.send(Ok(id));
+                }
+                crate::dispatcher::deliver(state, claims).await;
+                let orgs: BTreeSet<String> = tasks.iter().map(|t| t.org_id.clone()).collect();
+                bus::publish_ready_dispatched(state, orgs.into_iter().collect()).await;
+                return;
+            }
+            // Nothing stored: the general path below finds which tasks fail.
+            Err(e) => tracing::debug!(tasks = tasks.len(), "insert with claims failed: {e}"),
+        }
+    }
     let results: Vec<Result<String, String>> = match state.store.insert_tasks(&tasks).await {
         Ok(ids) => ids.into_iter().map(Ok).collect(),
         Err(e) if tasks.len() == 1 => vec![Err(e.to_string())],
@@ -117,9 +137,7 @@ async fn write(state: &AppState, batch: Vec<Pending>) {
         .filter(|(_, r)| r.is_ok())
         .map(|(t, _)| t.org_id.clone())
         .collect();
-    // Answered as soon as committed, before the dispatch: the task is stored either way, and
-    // the agent session woken last by the dispatch is the one this worker runs next (tokio's
-    // LIFO slot), so the dispatch is written on this thread instead of waking another.
+    // Answered as soon as committed, before the dispatch (as above).
     for (reply, result) in replies.into_iter().zip(results) {
         // A caller that went away no longer needs its answer; the task is stored anyway.
         let _ = reply.send(result);

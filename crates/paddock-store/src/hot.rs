@@ -7,13 +7,13 @@
 
 use std::sync::OnceLock;
 
-use rusqlite::{Connection, TransactionBehavior, params};
+use rusqlite::{Connection, Transaction, TransactionBehavior, params};
 
 use paddock_proto::TaskResult;
 
 use crate::tasks::{
-    ClaimRequest, ClaimedTask, INFLIGHT_SQL, InsertRow, TaskRow, claim_sql, claim_values,
-    claimed_from_row, complete_sql, result_columns, task_from_row,
+    ClaimRequest, ClaimedTask, InsertRow, TaskRow, claim_sql, claim_values, claimed_from_row,
+    complete_sql, inflight_sql, result_columns, task_from_row,
 };
 use crate::{Dialect, Result};
 
@@ -31,23 +31,46 @@ fn numbered(sql: &str) -> String {
 /// Inserts queued tasks, all or none.
 pub(crate) fn insert_tasks(conn: &mut Connection, rows: &[InsertRow<'_>], now: i64) -> Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    {
-        let mut stmt = tx.prepare_cached(INSERT_SQL)?;
-        for r in rows {
-            stmt.execute(params![
-                r.id,
-                r.task.org_id,
-                r.task.spec.kind,
-                r.required_tag,
-                r.task.spec.sandbox.backend,
-                r.spec,
-                i64::from(r.task.max_attempts.max(1)),
-                r.task.queue_deadline_at,
-                now,
-            ])?;
-        }
+    insert_rows(&tx, rows, now)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Inserts queued tasks, then makes `claims` (in order; each sees what the ones before it
+/// took), in one transaction: one commit where a submission and its dispatch took two.
+/// `payloads[i]` is the `dispatched` event payload of `claims[i]`.
+pub(crate) fn insert_and_claim(
+    conn: &mut Connection,
+    rows: &[InsertRow<'_>],
+    now: i64,
+    claims: &[ClaimRequest<'_>],
+    payloads: &[String],
+) -> Result<Vec<Vec<ClaimedTask>>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    insert_rows(&tx, rows, now)?;
+    let mut claimed = Vec::with_capacity(claims.len());
+    for (req, payload) in claims.iter().zip(payloads) {
+        claimed.push(claim_in(&tx, req, payload)?);
     }
     tx.commit()?;
+    Ok(claimed)
+}
+
+fn insert_rows(tx: &Transaction<'_>, rows: &[InsertRow<'_>], now: i64) -> Result<()> {
+    let mut stmt = tx.prepare_cached(INSERT_SQL)?;
+    for r in rows {
+        stmt.execute(params![
+            r.id,
+            r.task.org_id,
+            r.task.spec.kind,
+            r.required_tag,
+            r.task.spec.sandbox.backend,
+            r.spec,
+            i64::from(r.task.max_attempts.max(1)),
+            r.task.queue_deadline_at,
+            now,
+        ])?;
+    }
     Ok(())
 }
 
@@ -59,14 +82,35 @@ pub(crate) fn claim(
     req: &ClaimRequest<'_>,
     payload: &str,
 ) -> Result<Vec<ClaimedTask>> {
+    if claim_sql(Dialect::Sqlite, req).is_none() {
+        return Ok(Vec::new());
+    }
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let claimed = claim_in(&tx, req, payload)?;
+    if claimed.is_empty() {
+        // Dropping the transaction rolls it back: nothing was written.
+        return Ok(claimed);
+    }
+    tx.commit()?;
+    Ok(claimed)
+}
+
+/// The claim of [`claim`], inside the caller's transaction.
+fn claim_in(
+    tx: &Transaction<'_>,
+    req: &ClaimRequest<'_>,
+    payload: &str,
+) -> Result<Vec<ClaimedTask>> {
+    if req.limit == 0 || req.kinds.is_empty() {
+        return Ok(Vec::new());
+    }
     let Some(sql) = claim_sql(Dialect::Sqlite, req) else {
         return Ok(Vec::new());
     };
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut limit = i64::from(req.limit);
     if let Some(max) = req.org_max_inflight {
         let inflight: i64 = tx
-            .prepare_cached(&numbered(INFLIGHT_SQL))?
+            .prepare_cached(inflight_sql(Dialect::Sqlite))?
             .query_row([req.org_id], |r| r.get(0))?;
         limit = limit.min(i64::from(max) - inflight);
         if limit <= 0 {
@@ -89,11 +133,7 @@ pub(crate) fn claim(
             claimed.push(claimed_from_row(row)?);
         }
     }
-    if claimed.is_empty() {
-        // Dropping the transaction rolls it back: nothing was written.
-        return Ok(claimed);
-    }
-    {
+    if !claimed.is_empty() {
         let mut stmt = tx.prepare_cached(EVENT_SQL)?;
         let now = paddock_proto::now_ms();
         for c in &claimed {
@@ -107,7 +147,7 @@ pub(crate) fn claim(
             ])?;
         }
     }
-    tx.commit()?;
+    claimed.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
     Ok(claimed)
 }
 

@@ -86,6 +86,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "queue_order",
         include_str!("../migrations/0004_queue_order.sql"),
     ),
+    (
+        5,
+        "partial_indexes",
+        include_str!("../migrations/0005_partial_indexes.sql"),
+    ),
 ];
 
 /// Handle to the database. Cheap to clone.

@@ -363,24 +363,7 @@ impl Store {
             return Ok(Vec::new());
         }
         let now = paddock_proto::now_ms();
-        let mut ids = Vec::with_capacity(tasks.len());
-        let mut rows = Vec::with_capacity(tasks.len());
-        for task in tasks {
-            let id = task.id.clone().unwrap_or_else(new_task_id);
-            let required_tag = task
-                .spec
-                .selector
-                .as_ref()
-                .and_then(|s| s.required_tag().ok().flatten());
-            let spec = serde_json::to_string(&task.spec).map_err(|e| corrupt("tasks.spec", e))?;
-            rows.push(InsertRow {
-                id: id.clone(),
-                task,
-                required_tag,
-                spec,
-            });
-            ids.push(id);
-        }
+        let (ids, rows) = insert_rows(tasks)?;
         let mut w = self.w().await?;
         if let Some(raw) = w.raw() {
             crate::hot::insert_tasks(raw, &rows, now)?;
@@ -412,6 +395,50 @@ impl Store {
             tx.commit().await?;
         }
         Ok(ids)
+    }
+
+    /// Inserts queued tasks (as [`Store::insert_tasks`]) and then makes `claims`, in order (a
+    /// claim sees the new tasks and what the claims before it took), and returns the ids and
+    /// each claim's tasks. On SQLite this is one transaction, so a submission and its dispatch
+    /// cost one commit; on PostgreSQL, where claims run beside inserts on other connections,
+    /// it is [`Store::insert_tasks`] followed by [`Store::claim_tasks`] for each.
+    ///
+    /// Claims for instance agents are not taken here (they lock the instance's row): use
+    /// [`Store::claim_tasks`].
+    ///
+    /// # Errors
+    /// Database failure, or a spec that does not serialise. On SQLite nothing is stored
+    /// then; on PostgreSQL the tasks may be stored with some claims not made.
+    pub async fn insert_tasks_and_claim(
+        &self,
+        tasks: &[NewTask],
+        claims: &[ClaimRequest<'_>],
+    ) -> Result<(Vec<String>, Vec<Vec<ClaimedTask>>)> {
+        if claims.iter().any(|c| c.instance) {
+            return Err(corrupt(
+                "claims",
+                "instance claims are made with claim_tasks",
+            ));
+        }
+        if self.dialect == Dialect::Sqlite && !tasks.is_empty() {
+            let now = paddock_proto::now_ms();
+            let (ids, rows) = insert_rows(tasks)?;
+            let payloads: Vec<String> = claims
+                .iter()
+                .map(|c| dispatched_payload(c.agent_id))
+                .collect();
+            let mut w = self.w().await?;
+            if let Some(raw) = w.raw() {
+                let claimed = crate::hot::insert_and_claim(raw, &rows, now, claims, &payloads)?;
+                return Ok((ids, claimed));
+            }
+        }
+        let ids = self.insert_tasks(tasks).await?;
+        let mut claimed = Vec::with_capacity(claims.len());
+        for c in claims {
+            claimed.push(self.claim_tasks(c).await?);
+        }
+        Ok((ids, claimed))
     }
 
     /// One task of an org.
@@ -557,9 +584,7 @@ impl Store {
                 let Some(raw) = w.raw() else {
                     return Err(corrupt("store", "a SQLite store without its writer"));
                 };
-                let mut claimed = crate::hot::claim(raw, req, &payload)?;
-                claimed.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-                return Ok(claimed);
+                return crate::hot::claim(raw, req, &payload);
             }
         };
         let mut claimed = rows
@@ -1045,9 +1070,15 @@ impl Store {
     /// # Errors
     /// Database failure.
     pub async fn count_tasks_by_state(&self) -> Result<Vec<StateCount>> {
-        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state")
-            .fetch_all(&self.read)
-            .await?;
+        // One part per partial index (queued, in flight, finished), so no part reads the
+        // whole table.
+        let rows = sqlx::query(
+            "SELECT state, COUNT(*) AS n FROM tasks WHERE state = 'queued' GROUP BY state \
+             UNION ALL SELECT state, COUNT(*) AS n FROM tasks WHERE state IN ('dispatched', 'running') GROUP BY state \
+             UNION ALL SELECT state, COUNT(*) AS n FROM tasks WHERE expires_at IS NOT NULL AND state NOT IN ('queued', 'dispatched', 'running') GROUP BY state",
+        )
+        .fetch_all(&self.read)
+        .await?;
         Ok(rows
             .iter()
             .filter_map(|r| {
@@ -1099,6 +1130,29 @@ impl Store {
 }
 
 /// The payload of a `dispatched` event.
+/// Ids (given or new) and insert rows of new tasks.
+fn insert_rows(tasks: &[NewTask]) -> Result<(Vec<String>, Vec<InsertRow<'_>>)> {
+    let mut ids = Vec::with_capacity(tasks.len());
+    let mut rows = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let id = task.id.clone().unwrap_or_else(new_task_id);
+        let required_tag = task
+            .spec
+            .selector
+            .as_ref()
+            .and_then(|s| s.required_tag().ok().flatten());
+        let spec = serde_json::to_string(&task.spec).map_err(|e| corrupt("tasks.spec", e))?;
+        rows.push(InsertRow {
+            id: id.clone(),
+            task,
+            required_tag,
+            spec,
+        });
+        ids.push(id);
+    }
+    Ok((ids, rows))
+}
+
 pub(crate) fn dispatched_payload(agent_id: &str) -> String {
     serde_json::json!({ "agentId": agent_id }).to_string()
 }
@@ -1193,8 +1247,20 @@ fn complete_query<'q>(
 }
 
 /// An org's dispatched and running tasks ($1 org), for `GATEWAY_ORG_MAX_INFLIGHT`.
-pub(crate) const INFLIGHT_SQL: &str =
-    "SELECT COUNT(*) FROM tasks WHERE org_id = $1 AND state IN ('dispatched', 'running')";
+///
+/// From the in-flight index (`tasks_in_flight`, partial): on SQLite, whose planner has no
+/// statistics, `+org_id` keeps it off the org's index, which would visit every task the org
+/// ever ran; the in-flight rows of all orgs are bounded by the agents' slots.
+pub(crate) fn inflight_sql(dialect: Dialect) -> &'static str {
+    match dialect {
+        Dialect::Postgres => {
+            "SELECT COUNT(*) FROM tasks WHERE org_id = $1 AND state IN ('dispatched', 'running')"
+        }
+        Dialect::Sqlite => {
+            "SELECT COUNT(*) FROM tasks WHERE +org_id = ?1 AND state IN ('dispatched', 'running')"
+        }
+    }
+}
 
 /// The claim statement for `req`, or `None` when it can claim nothing (an instance's agent
 /// without tags). Bound values: $1 agent, $2 lease, $3 now, $4 org, $5 limit, then the
@@ -1262,7 +1328,7 @@ async fn claim_rows(
                 .execute(&mut *conn)
                 .await?;
         }
-        let inflight: i64 = sqlx::query_scalar(INFLIGHT_SQL)
+        let inflight: i64 = sqlx::query_scalar(inflight_sql(dialect))
             .bind(req.org_id)
             .fetch_one(&mut *conn)
             .await?;

@@ -52,6 +52,7 @@ contract!(
     gateway_secret_is_shared_and_stable,
     batched_inserts_keep_order_and_are_all_or_none,
     claims_record_their_dispatched_events,
+    insert_and_claim_take_older_work_first_and_all_or_nothing,
 );
 
 fn shell(argv: &[&str]) -> TaskSpec {
@@ -1847,4 +1848,74 @@ async fn sqlite_memory_is_one_database_for_writer_and_readers() {
         store.get_task(&org.id, &id).await.unwrap().unwrap().state,
         TaskState::Dispatched
     );
+}
+
+/// New tasks and the claims for them in one call: a claim sees what was queued before the
+/// new tasks (oldest first) and what the claims before it took; a batch that cannot be stored
+/// leaves nothing behind (on SQLite the claims are undone with it).
+async fn insert_and_claim_take_older_work_first_and_all_or_nothing(store: Store) {
+    let org = store.create_org("acme").await.unwrap();
+    let older = insert_echo_tasks(&store, &org.id, 1).await;
+    let a = AgentView::plain();
+    let new: Vec<NewTask> = (0..3)
+        .map(|i| new_task(&org.id, shell(&["echo", &format!("n{i}")])))
+        .collect();
+    let claims = [a.req(&org.id, "a1", 2), a.req(&org.id, "a2", 5)];
+    let (ids, claimed) = store.insert_tasks_and_claim(&new, &claims).await.unwrap();
+    assert_eq!(ids.len(), 3);
+    let got: Vec<Vec<&str>> = claimed
+        .iter()
+        .map(|c| c.iter().map(|t| t.id.as_str()).collect())
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            vec![older[0].as_str(), ids[0].as_str()],
+            vec![ids[1].as_str(), ids[2].as_str()],
+        ],
+        "the first claim takes the oldest two, the second the rest"
+    );
+    for (agent, tasks) in [("a1", &claimed[0]), ("a2", &claimed[1])] {
+        for t in tasks {
+            assert_eq!(t.attempt, 1);
+            let row = store.get_task(&org.id, &t.id).await.unwrap().unwrap();
+            assert_eq!(row.state, TaskState::Dispatched);
+            assert_eq!(row.agent_id.as_deref(), Some(agent));
+            let events = store.list_events(&t.id).await.unwrap();
+            assert_eq!(events.len(), 1, "{events:?}");
+            assert_eq!(events[0].payload, serde_json::json!({ "agentId": agent }));
+        }
+    }
+    // No claims: a plain insert.
+    let (more, none) = store
+        .insert_tasks_and_claim(&[new_task(&org.id, shell(&["true"]))], &[])
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    let queued = store
+        .list_tasks(&org.id, Some(TaskState::Queued), 10)
+        .await
+        .unwrap();
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0].id, more[0]);
+    // A taken id fails the batch: neither the other task nor the claim of the queued one
+    // stays (SQLite: one transaction; PostgreSQL: the insert fails before any claim).
+    let mut dup = new_task(&org.id, shell(&["true"]));
+    dup.id = Some(ids[0].clone());
+    let batch = [new_task(&org.id, shell(&["echo", "lost"])), dup];
+    let claims = [a.req(&org.id, "a3", 5)];
+    assert!(store.insert_tasks_and_claim(&batch, &claims).await.is_err());
+    let queued = store
+        .list_tasks(&org.id, Some(TaskState::Queued), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        queued.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+        vec![more[0].as_str()],
+        "nothing of the failed batch is stored, and the queued task is not claimed"
+    );
+    // Instance claims go through claim_tasks.
+    let mut inst = a.req(&org.id, "i1", 1);
+    inst.instance = true;
+    assert!(store.insert_tasks_and_claim(&[], &[inst]).await.is_err());
 }

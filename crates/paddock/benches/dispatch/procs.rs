@@ -38,6 +38,8 @@ impl Gateway {
             .env("GATEWAY_SERVICE_TOKEN", SERVICE_TOKEN)
             .env("GATEWAY_LOG_LEVEL", "warn")
             .env("PADDOCK_DATA_DIR", dir.join("data"))
+            // Passed through for experiments with the runtime's size.
+            .envs(std::env::var("TOKIO_WORKER_THREADS").map(|v| ("TOKIO_WORKER_THREADS", v)))
             .stdout(Stdio::piped())
             .stderr(log_file)
             .kill_on_drop(true);
