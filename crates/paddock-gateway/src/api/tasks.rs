@@ -64,7 +64,7 @@ pub(crate) async fn insert(
     org_id: &str,
     spec: TaskSpec,
 ) -> Result<String, ApiError> {
-    state.inserter.insert(new_task(state, org_id, spec)).await
+    crate::inserter::submit(state, new_task(state, org_id, spec)).await
 }
 
 /// Query of `POST .../tasks`.
@@ -300,7 +300,7 @@ async fn submit_and_wait(
     let notified = notify.notified();
     let mut new = new_task(state, org_id, spec);
     new.id = Some(task_id.clone());
-    state.inserter.insert(new).await?;
+    crate::inserter::submit(state, new).await?;
     let deadline = tokio::time::Instant::now() + wait;
     tokio::select! {
         () = notified => {}
