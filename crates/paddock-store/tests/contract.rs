@@ -53,6 +53,7 @@ contract!(
     batched_inserts_keep_order_and_are_all_or_none,
     claims_record_their_dispatched_events,
     insert_and_claim_take_older_work_first_and_all_or_nothing,
+    counts_by_state_cover_every_state,
 );
 
 fn shell(argv: &[&str]) -> TaskSpec {
@@ -1918,4 +1919,58 @@ async fn insert_and_claim_take_older_work_first_and_all_or_nothing(store: Store)
     let mut inst = a.req(&org.id, "i1", 1);
     inst.instance = true;
     assert!(store.insert_tasks_and_claim(&[], &[inst]).await.is_err());
+}
+
+/// The metrics' count by state reads one partial index per group of states (queued, in
+/// flight, finished): every state is counted, each task once.
+async fn counts_by_state_cover_every_state(store: Store) {
+    let org = store.create_org("acme").await.unwrap();
+    let ids = insert_echo_tasks(&store, &org.id, 6).await;
+    let a = AgentView::plain();
+    assert_eq!(
+        store
+            .claim_tasks(&a.req(&org.id, "a1", 4))
+            .await
+            .unwrap()
+            .len(),
+        4
+    );
+    let now = paddock_proto::now_ms();
+    assert!(
+        store
+            .mark_task_running(&ids[1], 1, "a1", now)
+            .await
+            .unwrap()
+    );
+    for (id, status, code) in [
+        (&ids[2], ResultStatus::Succeeded, 0),
+        (&ids[3], ResultStatus::Failed, 1),
+    ] {
+        assert!(
+            store
+                .complete_task(&org.id, "a1", &result(id, 1, status, code), 60_000)
+                .await
+                .unwrap()
+        );
+    }
+    store.cancel_task(&org.id, &ids[4], 60_000).await.unwrap();
+    let mut counts: Vec<(&str, i64)> = store
+        .count_tasks_by_state()
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| (c.state.as_str(), c.count))
+        .collect();
+    counts.sort_unstable();
+    assert_eq!(
+        counts,
+        vec![
+            ("canceled", 1),
+            ("dispatched", 1),
+            ("failed", 1),
+            ("queued", 1),
+            ("running", 1),
+            ("succeeded", 1),
+        ]
+    );
 }
