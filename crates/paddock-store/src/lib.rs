@@ -72,24 +72,59 @@ pub enum StoreError {
 /// Result alias for store operations.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// A migration's SQL: one text for both databases, or one for each.
+enum Sql {
+    Portable(&'static str),
+    PerDialect {
+        sqlite: &'static str,
+        postgres: &'static str,
+    },
+}
+
+impl Sql {
+    fn text(&self, dialect: Dialect) -> &'static str {
+        match (self, dialect) {
+            (Sql::Portable(sql), _) => sql,
+            (Sql::PerDialect { sqlite, .. }, Dialect::Sqlite) => sqlite,
+            (Sql::PerDialect { postgres, .. }, Dialect::Postgres) => postgres,
+        }
+    }
+}
+
 /// Embedded migrations: (version, name, SQL). Append only.
-const MIGRATIONS: &[(i64, &str, &str)] = &[
-    (1, "core", include_str!("../migrations/0001_core.sql")),
+const MIGRATIONS: &[(i64, &str, Sql)] = &[
+    (
+        1,
+        "core",
+        Sql::Portable(include_str!("../migrations/0001_core.sql")),
+    ),
     (
         2,
         "instances",
-        include_str!("../migrations/0002_instances.sql"),
+        Sql::Portable(include_str!("../migrations/0002_instances.sql")),
     ),
-    (3, "bundles", include_str!("../migrations/0003_bundles.sql")),
+    (
+        3,
+        "bundles",
+        Sql::Portable(include_str!("../migrations/0003_bundles.sql")),
+    ),
     (
         4,
         "queue_order",
-        include_str!("../migrations/0004_queue_order.sql"),
+        Sql::Portable(include_str!("../migrations/0004_queue_order.sql")),
     ),
     (
         5,
         "partial_indexes",
-        include_str!("../migrations/0005_partial_indexes.sql"),
+        Sql::Portable(include_str!("../migrations/0005_partial_indexes.sql")),
+    ),
+    (
+        6,
+        "events_by_task",
+        Sql::PerDialect {
+            sqlite: include_str!("../migrations/0006_events_by_task.sqlite.sql"),
+            postgres: include_str!("../migrations/0006_events_by_task.postgres.sql"),
+        },
     ),
 ];
 
@@ -251,7 +286,7 @@ impl Store {
                 }
                 tracing::info!(version, name, "applying migration");
                 let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-                tx.execute(*sql).await?;
+                tx.execute(sql.text(self.dialect)).await?;
                 sqlx::query(
                     "INSERT INTO paddock_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
                 )

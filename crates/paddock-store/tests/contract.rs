@@ -1974,3 +1974,50 @@ async fn counts_by_state_cover_every_state(store: Store) {
         ]
     );
 }
+
+/// A SQLite file made before migration 6 keeps its task events when it is opened: they are
+/// moved into the table clustered by task, and read back in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_events_survive_their_table_being_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    {
+        // The schema as migrations 1 to 5 left it, with two events of one task.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE paddock_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL);",
+        )
+        .unwrap();
+        for (v, sql) in [
+            (1, include_str!("../migrations/0001_core.sql")),
+            (2, include_str!("../migrations/0002_instances.sql")),
+            (3, include_str!("../migrations/0003_bundles.sql")),
+            (4, include_str!("../migrations/0004_queue_order.sql")),
+            (5, include_str!("../migrations/0005_partial_indexes.sql")),
+        ] {
+            conn.execute_batch(sql).unwrap();
+            conn.execute("INSERT INTO paddock_migrations VALUES (?1, 'old', 0)", [v])
+                .unwrap();
+        }
+        for (id, name) in [("01-b", "started"), ("01-a", "dispatched")] {
+            conn.execute(
+                "INSERT INTO task_events (id, task_id, attempt, name, payload, created_at) VALUES (?1, 't1', 1, ?2, '{}', 5)",
+                [id, name],
+            )
+            .unwrap();
+        }
+    }
+    let store = Store::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    let events = store.list_events("t1").await.unwrap();
+    assert_eq!(
+        events.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+        vec!["dispatched", "started"]
+    );
+    store
+        .add_event("t1", 1, "finished", &serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(store.list_events("t1").await.unwrap().len(), 3);
+}
