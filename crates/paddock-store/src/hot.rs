@@ -7,7 +7,7 @@
 
 use std::sync::OnceLock;
 
-use rusqlite::{Connection, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, params};
 
 use paddock_proto::TaskResult;
 
@@ -22,6 +22,43 @@ const INSERT_SQL: &str = "INSERT INTO tasks (id, org_id, kind, required_tag, bac
 
 const EVENT_SQL: &str = "INSERT INTO task_events (id, task_id, attempt, name, payload, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 
+/// A `BEGIN IMMEDIATE` transaction, rolled back if dropped uncommitted. Unlike rusqlite's
+/// `Transaction`, its `BEGIN` and `COMMIT` are cached statements, not parsed each time.
+struct Tx<'c> {
+    conn: &'c Connection,
+    open: bool,
+}
+
+impl<'c> Tx<'c> {
+    fn begin(conn: &'c Connection) -> Result<Self> {
+        conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        Ok(Tx { conn, open: true })
+    }
+
+    fn commit(mut self) -> Result<()> {
+        self.conn.prepare_cached("COMMIT")?.execute([])?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for Tx<'_> {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        self.conn
+    }
+}
+
+impl Drop for Tx<'_> {
+    fn drop(&mut self) {
+        if self.open && !self.conn.is_autocommit() {
+            // Nothing was committed: undo it (an error here leaves nothing more to do).
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+}
+
 /// `sql` with its `$n` placeholders written `?n` (the same numbered parameter for SQLite;
 /// rusqlite binds by number only in this form).
 fn numbered(sql: &str) -> String {
@@ -30,8 +67,8 @@ fn numbered(sql: &str) -> String {
 
 /// Inserts queued tasks, all or none.
 pub(crate) fn insert_tasks(conn: &mut Connection, rows: &[InsertRow<'_>], now: i64) -> Result<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    insert_rows(&tx, rows, now)?;
+    let tx = Tx::begin(conn)?;
+    insert_rows(tx.conn, rows, now)?;
     tx.commit()?;
     Ok(())
 }
@@ -46,17 +83,17 @@ pub(crate) fn insert_and_claim(
     claims: &[ClaimRequest<'_>],
     payloads: &[String],
 ) -> Result<Vec<Vec<ClaimedTask>>> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    insert_rows(&tx, rows, now)?;
+    let tx = Tx::begin(conn)?;
+    insert_rows(tx.conn, rows, now)?;
     let mut claimed = Vec::with_capacity(claims.len());
     for (req, payload) in claims.iter().zip(payloads) {
-        claimed.push(claim_in(&tx, req, payload)?);
+        claimed.push(claim_in(tx.conn, req, payload)?);
     }
     tx.commit()?;
     Ok(claimed)
 }
 
-fn insert_rows(tx: &Transaction<'_>, rows: &[InsertRow<'_>], now: i64) -> Result<()> {
+fn insert_rows(tx: &Connection, rows: &[InsertRow<'_>], now: i64) -> Result<()> {
     let mut stmt = tx.prepare_cached(INSERT_SQL)?;
     for r in rows {
         stmt.execute(params![
@@ -85,8 +122,8 @@ pub(crate) fn claim(
     if claim_sql(Dialect::Sqlite, req).is_none() {
         return Ok(Vec::new());
     }
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let claimed = claim_in(&tx, req, payload)?;
+    let tx = Tx::begin(conn)?;
+    let claimed = claim_in(tx.conn, req, payload)?;
     if claimed.is_empty() {
         // Dropping the transaction rolls it back: nothing was written.
         return Ok(claimed);
@@ -96,11 +133,7 @@ pub(crate) fn claim(
 }
 
 /// The claim of [`claim`], inside the caller's transaction.
-fn claim_in(
-    tx: &Transaction<'_>,
-    req: &ClaimRequest<'_>,
-    payload: &str,
-) -> Result<Vec<ClaimedTask>> {
+fn claim_in(tx: &Connection, req: &ClaimRequest<'_>, payload: &str) -> Result<Vec<ClaimedTask>> {
     if req.limit == 0 || req.kinds.is_empty() {
         return Ok(Vec::new());
     }
@@ -162,7 +195,7 @@ pub(crate) fn complete(
 ) -> Result<Vec<Option<TaskRow>>> {
     static SQL: OnceLock<String> = OnceLock::new();
     let sql = SQL.get_or_init(|| numbered(complete_sql()));
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let tx = Tx::begin(conn)?;
     let mut stored = Vec::with_capacity(results.len());
     {
         let mut stmt = tx.prepare_cached(sql)?;
