@@ -56,8 +56,9 @@ pub(crate) fn channel() -> (Inserter, Receiver) {
 
 /// Stores a submission and returns its id once committed. On SQLite, when nothing else is
 /// being written or waiting, the handler stores it (and its claim) itself: no hand-off to
-/// the writer task and back, whose wake-ups were a quarter of a lone submission's time in
-/// the gateway. Otherwise it joins the writer's next batch.
+/// the writer task and back, each of which woke another worker thread (tokio schedules a
+/// task woken from a task that came out of its LIFO slot through the shared queue).
+/// Otherwise it joins the writer's next batch.
 ///
 /// # Errors
 /// As [`Inserter::insert`].
