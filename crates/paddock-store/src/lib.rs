@@ -126,6 +126,11 @@ const MIGRATIONS: &[(i64, &str, Sql)] = &[
             postgres: include_str!("../migrations/0006_events_by_task.postgres.sql"),
         },
     ),
+    (
+        7,
+        "one_in_flight_index",
+        Sql::Portable(include_str!("../migrations/0007_one_in_flight_index.sql")),
+    ),
 ];
 
 /// Handle to the database. Cheap to clone.
