@@ -32,11 +32,16 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Malformed frames tolerated in one session before it is closed.
 const MAX_BAD_FRAMES: u32 = 16;
 
-/// Longest a `result_ack` waits in the write buffer for a frame to share a write with. The
-/// agent keeps a result until it is acknowledged (and re-sends it after a reconnect), so a
-/// later ack costs nothing but memory; sent at once, it would be one more write and one more
-/// wake-up of the agent between a result and the caller's answer.
-const ACK_LINGER: Duration = Duration::from_millis(2);
+/// Longest a `result_ack` waits in the write buffer for a frame to share a write with (the
+/// next dispatch, or any other frame: every send flushes what is buffered, in order, so the
+/// agent always reads an ack before a dispatch that reuses its slot). The agent keeps a
+/// result until it is acknowledged (and re-sends it after a reconnect), so a later ack costs
+/// it only memory, and its drain at shutdown up to this long; sent at once, an ack would be
+/// one more write and one more wake-up of the agent between a result and the caller's answer.
+/// A second, not less: a timer due before the runtime's next one (the sessions' stale checks
+/// tick at most every second) makes tokio wake its driver thread to re-arm, which cost the
+/// gateway 14 µs per round trip with a 2 ms linger.
+const ACK_LINGER: Duration = Duration::from_secs(1);
 
 /// `GET /ws/executor`: authenticates the agent token (`Authorization: Bearer <orgId>.<secret>`)
 /// before upgrading.
