@@ -254,7 +254,8 @@ fn signal_queued(state: &AppState, org: &str) {
 }
 
 /// `TaskReady` for orgs whose new tasks this replica has just offered to its own agents (the
-/// submission's own dispatch round, [`crate::dispatcher::dispatch_now`]): the local
+/// submission's own claims, [`crate::dispatcher::insert_and_claim`], or its own round,
+/// [`crate::dispatcher::dispatch_now`]): the local
 /// dispatcher is not woken for them again; the org's watchers and the other replicas are.
 pub(crate) async fn publish_ready_dispatched(state: &AppState, orgs: Vec<String>) {
     for org in &orgs {
