@@ -262,19 +262,29 @@ pub(crate) async fn insert_and_claim<'a>(
 }
 
 /// Hands the claims of [`insert_and_claim`] to their agents; wakes the dispatcher if an
-/// agent filled its batch (more may be queued) or instances are waiting.
-pub(crate) async fn deliver(state: &AppState, claims: Claims<'_>) {
+/// agent filled its batch (more may be queued) or instances are waiting. Never waits: a
+/// request handler that calls it cannot be dropped half-way through (claims of sessions
+/// that ended meanwhile are released by a background task).
+pub(crate) fn deliver(state: &AppState, claims: Claims<'_>) {
     let mut more = false;
+    let mut unsent = Vec::new();
     for (handle, free, claimed) in claims.agents {
         let n = claimed.len() as u32;
-        if let Err(e) = send_claimed(state, &handle, claimed, claims.lease_until).await {
-            tracing::warn!("dispatch failed: {e}");
-            more = true;
-        }
+        unsent.extend(send_claimed(state, &handle, claimed, claims.lease_until));
         handle.set_wants_more(n == free);
         more |= n == free;
     }
     drop(claims._round);
+    if !unsent.is_empty() {
+        let state = state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = release(&state, &unsent).await {
+                // Their leases run out and the reaper re-queues them.
+                tracing::warn!("releasing claims of an ended session failed: {e}");
+            }
+            state.dispatch_wake.notify_one();
+        });
+    }
     if more {
         state.dispatch_wake.notify_one();
     }
@@ -296,18 +306,7 @@ async fn claim_for(
         .claim_tasks(&request(state, handle, &tags, free, now))
         .await?;
     let n = claimed.len() as u32;
-    send_claimed(state, handle, claimed, lease_until).await?;
-    Ok(n)
-}
-
-/// Sends claimed tasks to their agent (a claim whose session ended is released).
-async fn send_claimed(
-    state: &AppState,
-    handle: &Arc<AgentHandle>,
-    claimed: Vec<ClaimedTask>,
-    lease_until: i64,
-) -> Result<(), paddock_store::StoreError> {
-    if handle.instance && !claimed.is_empty() {
+    if handle.instance && n > 0 {
         // Now `busy`: pool supervisors watching the org want to know.
         crate::bus::publish(
             state,
@@ -318,32 +317,54 @@ async fn send_claimed(
         )
         .await;
     }
-    let mut sent = Vec::with_capacity(claimed.len());
+    let unsent = send_claimed(state, handle, claimed, lease_until);
+    release(state, &unsent).await?;
+    Ok(n)
+}
+
+/// Sends claimed tasks to their agent. Returns the claims whose session ended between the
+/// snapshot and now, to release with [`release`] (this does not wait, so a caller that is
+/// dropped after it cannot leave a claim neither sent nor returned).
+fn send_claimed(
+    state: &AppState,
+    handle: &AgentHandle,
+    claimed: Vec<ClaimedTask>,
+    lease_until: i64,
+) -> Vec<(String, u32)> {
+    let mut unsent = Vec::new();
     for task in claimed {
         handle.add_in_flight(&task.id, task.attempt);
+        let (id, attempt, created_at) = (task.id, task.attempt, task.created_at);
         let msg = GatewayMessage::Dispatch(Box::new(Dispatch {
-            task_id: task.id.clone(),
-            attempt: task.attempt,
+            task_id: id.clone(),
+            attempt,
             lease_deadline_ms: lease_until,
             spec: task.spec,
         }));
         if handle.tx.send(msg).is_err() {
-            // The session ended between the snapshot and now: undo without using the attempt
-            // (its `dispatched` event, written with the claim, stays in the task's history).
-            handle.remove_in_flight(&task.id);
-            state.store.release_claim(&task.id, task.attempt).await?;
+            handle.remove_in_flight(&id);
+            unsent.push((id, attempt));
             continue;
         }
         state
             .metrics
             .dispatch_latency
-            .observe((now_ms() - task.created_at).max(0) as f64 / 1000.0);
+            .observe((now_ms() - created_at).max(0) as f64 / 1000.0);
         state.metrics.dispatched.inc();
-        tracing::debug!(task = %task.id, attempt = task.attempt, agent = %handle.agent_id, "dispatched");
-        sent.push((task.id, task.attempt));
+        tracing::debug!(task = %id, attempt, agent = %handle.agent_id, "dispatched");
+        state.waiters.notify(&id);
     }
-    for (id, _) in &sent {
-        state.waiters.notify(id);
+    unsent
+}
+
+/// Puts claims whose session ended back in the queue without using their attempt (their
+/// `dispatched` events, written with the claims, stay in the tasks' histories).
+async fn release(
+    state: &AppState,
+    unsent: &[(String, u32)],
+) -> Result<(), paddock_store::StoreError> {
+    for (id, attempt) in unsent {
+        state.store.release_claim(id, *attempt).await?;
     }
     Ok(())
 }

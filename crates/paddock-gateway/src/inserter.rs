@@ -65,22 +65,25 @@ pub(crate) fn channel() -> (Inserter, Receiver) {
 pub(crate) async fn submit(state: &AppState, task: NewTask) -> Result<String, ApiError> {
     let inserter = &state.inserter;
     if state.store.dialect() == paddock_store::Dialect::Sqlite
+        && !state.shutdown.is_cancelled()
         && inserter.tx.capacity() == inserter.tx.max_capacity()
         && let Ok(slot) = inserter.slot.try_lock()
     {
-        let (mut ids, claims) =
-            crate::dispatcher::insert_and_claim(state, std::slice::from_ref(&task))
-                .await
-                .map_err(|e| ApiError::internal(e.to_string()))?;
-        // From the commit on nothing here waits, except to release a claim whose session
-        // ended meanwhile: a caller that goes away cannot leave a claimed task unsent (at
-        // worst that released claim waits for its lease, like any lost dispatch).
-        crate::dispatcher::deliver(state, claims).await;
-        drop(slot);
-        bus::publish_ready_dispatched(state, vec![task.org_id]).await;
-        return ids
-            .pop()
-            .ok_or_else(|| ApiError::internal("an insert returned no id"));
+        match crate::dispatcher::insert_and_claim(state, std::slice::from_ref(&task)).await {
+            Ok((mut ids, claims)) => {
+                // From the commit on nothing here waits: a caller that goes away cannot
+                // leave a claimed task unsent.
+                crate::dispatcher::deliver(state, claims);
+                drop(slot);
+                bus::publish_ready_dispatched(state, vec![task.org_id]).await;
+                return ids
+                    .pop()
+                    .ok_or_else(|| ApiError::internal("an insert returned no id"));
+            }
+            // Nothing stored: the writer's path stores it without the claims if it can
+            // (a claim can fail where the insert would not, e.g. on an older corrupt row).
+            Err(e) => tracing::debug!("insert with claims failed: {e}"),
+        }
     }
     inserter.insert(task).await
 }
@@ -143,7 +146,7 @@ async fn write(state: &AppState, batch: Vec<Pending>) {
                 for (reply, id) in replies.into_iter().zip(ids) {
                     let _ = reply.send(Ok(id));
                 }
-                crate::dispatcher::deliver(state, claims).await;
+                crate::dispatcher::deliver(state, claims);
                 let orgs: BTreeSet<String> = tasks.iter().map(|t| t.org_id.clone()).collect();
                 bus::publish_ready_dispatched(state, orgs.into_iter().collect()).await;
                 return;

@@ -131,6 +131,11 @@ const MIGRATIONS: &[(i64, &str, Sql)] = &[
         "one_in_flight_index",
         Sql::Portable(include_str!("../migrations/0007_one_in_flight_index.sql")),
     ),
+    (
+        8,
+        "finished_by_org",
+        Sql::Portable(include_str!("../migrations/0008_finished_by_org.sql")),
+    ),
 ];
 
 /// Handle to the database. Cheap to clone.

@@ -466,27 +466,50 @@ impl Store {
         state: Option<TaskState>,
         limit: u32,
     ) -> Result<Vec<TaskRow>> {
-        let rows = match state {
-            Some(s) => {
-                sqlx::query(&format!(
-                    "SELECT {TASK_COLUMNS} FROM tasks WHERE org_id = $1 AND state = $2 ORDER BY id DESC LIMIT $3"
-                ))
-                .bind(org_id)
-                .bind(s.as_str())
-                .bind(i64::from(limit))
-                .fetch_all(&self.read)
-                .await?
-            }
-            None => {
-                sqlx::query(&format!(
+        let rows =
+            match state {
+                Some(s) => {
+                    // Each group of states is read from its partial index, whose condition is
+                    // written out so the planner can use it (the state is a parameter): the
+                    // queue in its own order; the tasks in flight (bounded by the agents' slots)
+                    // sorted, with SQLite kept off the org's and the primary key's indexes,
+                    // which would walk the org's whole history; finished ones by (org, state, id).
+                    let sqlite = self.dialect == Dialect::Sqlite;
+                    let (filter, order) = match s {
+                        TaskState::Queued => (
+                            "org_id = $1 AND state = $2 AND state = 'queued'",
+                            "created_at DESC, id DESC",
+                        ),
+                        TaskState::Dispatched | TaskState::Running if sqlite => (
+                            "+org_id = $1 AND state = $2 AND state IN ('dispatched', 'running')",
+                            "+id DESC",
+                        ),
+                        TaskState::Dispatched | TaskState::Running => (
+                            "org_id = $1 AND state = $2 AND state IN ('dispatched', 'running')",
+                            "id DESC",
+                        ),
+                        _ => (
+                            "org_id = $1 AND state = $2 AND expires_at IS NOT NULL",
+                            "id DESC",
+                        ),
+                    };
+                    sqlx::query(&format!(
+                        "SELECT {TASK_COLUMNS} FROM tasks WHERE {filter} ORDER BY {order} LIMIT $3"
+                    ))
+                    .bind(org_id)
+                    .bind(s.as_str())
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.read)
+                    .await?
+                }
+                None => sqlx::query(&format!(
                     "SELECT {TASK_COLUMNS} FROM tasks WHERE org_id = $1 ORDER BY id DESC LIMIT $2"
                 ))
                 .bind(org_id)
                 .bind(i64::from(limit))
                 .fetch_all(&self.read)
-                .await?
-            }
-        };
+                .await?,
+            };
         rows.iter().map(task_from_row).collect()
     }
 
@@ -1129,7 +1152,6 @@ impl Store {
     }
 }
 
-/// The payload of a `dispatched` event.
 /// Ids (given or new) and insert rows of new tasks.
 fn insert_rows(tasks: &[NewTask]) -> Result<(Vec<String>, Vec<InsertRow<'_>>)> {
     let mut ids = Vec::with_capacity(tasks.len());
@@ -1153,6 +1175,7 @@ fn insert_rows(tasks: &[NewTask]) -> Result<(Vec<String>, Vec<InsertRow<'_>>)> {
     Ok((ids, rows))
 }
 
+/// The payload of a `dispatched` event.
 pub(crate) fn dispatched_payload(agent_id: &str) -> String {
     serde_json::json!({ "agentId": agent_id }).to_string()
 }

@@ -1921,8 +1921,8 @@ async fn insert_and_claim_take_older_work_first_and_all_or_nothing(store: Store)
     assert!(store.insert_tasks_and_claim(&[], &[inst]).await.is_err());
 }
 
-/// The metrics' count by state reads one partial index per group of states (queued, in
-/// flight, finished): every state is counted, each task once.
+/// The metrics' count by state and the listing by state read one partial index per group of
+/// states (queued, in flight, finished): every state is counted and listed, each task once.
 async fn counts_by_state_cover_every_state(store: Store) {
     let org = store.create_org("acme").await.unwrap();
     let ids = insert_echo_tasks(&store, &org.id, 6).await;
@@ -1973,6 +1973,24 @@ async fn counts_by_state_cover_every_state(store: Store) {
             ("succeeded", 1),
         ]
     );
+    // Listing by state reads the same partial indexes: each state's tasks, newest first.
+    let newer = insert_echo_tasks(&store, &org.id, 1).await;
+    for (state, want) in [
+        (TaskState::Queued, vec![&newer[0], &ids[5]]),
+        (TaskState::Dispatched, vec![&ids[0]]),
+        (TaskState::Running, vec![&ids[1]]),
+        (TaskState::Succeeded, vec![&ids[2]]),
+        (TaskState::Failed, vec![&ids[3]]),
+        (TaskState::Canceled, vec![&ids[4]]),
+        (TaskState::TimedOut, vec![]),
+    ] {
+        let got = store.list_tasks(&org.id, Some(state), 10).await.unwrap();
+        assert_eq!(
+            got.iter().map(|t| &t.id).collect::<Vec<_>>(),
+            want,
+            "{state:?}"
+        );
+    }
 }
 
 /// A SQLite file made before migration 6 keeps its task events when it is opened: they are
