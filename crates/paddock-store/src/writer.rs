@@ -233,18 +233,25 @@ mod tests {
         let spec: paddock_proto::TaskSpec =
             serde_json::from_value(serde_json::json!({"kind": "agent.noop"}))
                 .unwrap_or_else(|e| panic!("{e}"));
-        for _ in 0..2 * super::CHECKPOINT_EVERY {
-            store
-                .insert_task(&NewTask {
-                    id: None,
-                    org_id: org.id.clone(),
-                    spec: spec.clone(),
-                    max_attempts: 1,
-                    queue_deadline_at: paddock_proto::now_ms() + 60_000,
-                })
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
-        }
+        // `n` write transactions, one task each.
+        let write = |n: u32| {
+            let (store, org_id, spec) = (&store, &org.id, &spec);
+            async move {
+                for _ in 0..n {
+                    store
+                        .insert_task(&NewTask {
+                            id: None,
+                            org_id: org_id.clone(),
+                            spec: spec.clone(),
+                            max_attempts: 1,
+                            queue_deadline_at: paddock_proto::now_ms() + 60_000,
+                        })
+                        .await
+                        .unwrap_or_else(|e| panic!("{e}"));
+                }
+            }
+        };
+        write(2 * super::CHECKPOINT_EVERY).await;
         let t0 = Instant::now();
         while size() <= before {
             assert!(
@@ -263,18 +270,7 @@ mod tests {
         };
         let wal_before = wal();
         assert!(wal_before > 0);
-        for _ in 0..8 * super::CHECKPOINT_EVERY {
-            store
-                .insert_task(&NewTask {
-                    id: None,
-                    org_id: org.id.clone(),
-                    spec: spec.clone(),
-                    max_attempts: 1,
-                    queue_deadline_at: paddock_proto::now_ms() + 60_000,
-                })
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
-        }
+        write(8 * super::CHECKPOINT_EVERY).await;
         let wal_after = wal();
         assert!(
             wal_after < 4 * wal_before,
