@@ -55,6 +55,8 @@ def main():
             for k, v in idle.items())
         rows = [
             ("agent.noop, 1 agent", d.get("round_trip", {}), d.get("throughput_1"), True),
+            ("agent.noop, 1 agent, round trips sent through `reqwest` (a connection task: one more hand-off "
+             "each way in the client)", d.get("round_trip_reqwest", {}), None, False),
             ("agent.noop, 2 agents", {}, d.get("throughput_2"), False),
             ("agent.noop, 1 agent with 64 slots, submitted with `POST /tasks/batch` (500 per request)", {},
              d.get("throughput_batch"), False),

@@ -133,9 +133,10 @@ async fn round(state: &AppState, scope: Scope) -> Result<bool, paddock_store::St
     if agents.is_empty() {
         return Ok(false);
     }
+    // A full agent is marked (see `free_slots_or_mark`): its freed slot brings a round.
     let mut candidates: Vec<&str> = agents
         .iter()
-        .filter(|h| !h.close.is_cancelled() && h.free_slots() > 0)
+        .filter(|h| !h.close.is_cancelled() && h.free_slots_or_mark() > 0)
         .map(|h| h.org_id.as_str())
         .collect();
     candidates.sort_unstable();
@@ -159,13 +160,12 @@ async fn round(state: &AppState, scope: Scope) -> Result<bool, paddock_store::St
         if handle.close.is_cancelled() || !orgs.contains(&handle.org_id) {
             continue;
         }
-        let free = handle.free_slots().min(MAX_BATCH);
+        let free = handle.free_slots_or_mark().min(MAX_BATCH);
         if free == 0 {
             continue;
         }
         let sent = claim_for(state, &handle, free).await?;
-        // Fewer than asked: nothing more is queued for it now. (An agent passed over while
-        // full got there by a claim that filled it, so it is still marked.)
+        // Fewer than asked: nothing more is queued for it now.
         handle.set_wants_more(sent == free);
         if sent == free {
             more = true;
@@ -205,7 +205,9 @@ fn lease_until(state: &AppState, now: i64) -> i64 {
 pub(crate) struct Claims<'a> {
     _round: tokio::sync::MutexGuard<'a, ()>,
     lease_until: i64,
-    agents: Vec<(Arc<AgentHandle>, u32, Vec<ClaimedTask>)>,
+    /// Each agent with its claimed tasks and whether it may want more (it filled its free
+    /// slots and queued work of its org was left).
+    agents: Vec<(Arc<AgentHandle>, Vec<ClaimedTask>, bool)>,
     /// Orgs of instance agents with free slots: their claims lock the instance's row, so
     /// the dispatcher makes them.
     instance_orgs: BTreeSet<String>,
@@ -227,7 +229,8 @@ pub(crate) async fn insert_and_claim<'a>(
         if handle.close.is_cancelled() || !orgs.contains(handle.org_id.as_str()) {
             continue;
         }
-        let free = handle.free_slots().min(MAX_BATCH);
+        // A full agent is marked: the new work waits for its freed slot.
+        let free = handle.free_slots_or_mark().min(MAX_BATCH);
         if free == 0 {
             continue;
         }
@@ -243,15 +246,15 @@ pub(crate) async fn insert_and_claim<'a>(
         .iter()
         .map(|(h, free, tags)| request(state, h, tags, *free, now))
         .collect();
-    let (ids, claimed) = state.store.insert_tasks_and_claim(tasks, &requests).await?;
+    let done = state.store.insert_tasks_and_claim(tasks, &requests).await?;
     drop(requests);
     let agents = open
         .into_iter()
-        .zip(claimed)
-        .map(|((h, free, _), c)| (h, free, c))
+        .zip(done.claimed.into_iter().zip(done.more))
+        .map(|((h, _, _), (c, more))| (h, c, more))
         .collect();
     Ok((
-        ids,
+        done.ids,
         Claims {
             _round: round,
             lease_until: lease_until(state, now),
@@ -262,17 +265,17 @@ pub(crate) async fn insert_and_claim<'a>(
 }
 
 /// Hands the claims of [`insert_and_claim`] to their agents; wakes the dispatcher if an
-/// agent filled its batch (more may be queued) or instances are waiting. Never waits: a
+/// agent filled its batch with work left queued, or instances are waiting. Never waits: a
 /// request handler that calls it cannot be dropped half-way through (claims of sessions
 /// that ended meanwhile are released by a background task).
 pub(crate) fn deliver(state: &AppState, claims: Claims<'_>) {
     let mut more = false;
     let mut unsent = Vec::new();
-    for (handle, free, claimed) in claims.agents {
-        let n = claimed.len() as u32;
+    for (handle, claimed, wants_more) in claims.agents {
+        // Before the dispatch leaves: its result must read the new mark.
+        handle.set_wants_more(wants_more);
+        more |= wants_more;
         unsent.extend(send_claimed(state, &handle, claimed, claims.lease_until));
-        handle.set_wants_more(n == free);
-        more |= n == free;
     }
     drop(claims._round);
     if !unsent.is_empty() {

@@ -29,20 +29,30 @@ pub struct AgentHandle {
     pub instance: bool,
     /// Control-plane tags (refreshed when changed through the API).
     tags: Mutex<Vec<String>>,
-    /// Tasks dispatched to (or re-bound on) this connection and not yet finished, with the
-    /// attempt held.
-    in_flight: Mutex<HashMap<String, u32>>,
+    /// Tasks in flight on this connection, and whether a freed slot should wake the
+    /// dispatcher: one lock, so a round that finds the agent full and a result that frees a
+    /// slot always see each other (see [`AgentHandle::free_slots_or_mark`]).
+    slots: Mutex<Slots>,
     /// Outgoing messages to the session.
     pub tx: mpsc::UnboundedSender<GatewayMessage>,
-    /// Whether queued work may be waiting for this agent: its last claim filled every free
-    /// slot (so a round may since have passed it over, full), or it has not claimed yet. A
-    /// freed slot wakes the dispatcher only then; otherwise the claim would find nothing, and
-    /// new work comes with `TaskReady`.
-    wants_more: std::sync::atomic::AtomicBool,
     /// Fired to close the session (revocation, replacement, shutdown).
     pub close: CancellationToken,
     /// Why `close` was fired, sent to the agent as an `error` before closing.
     pub close_reason: Mutex<Option<(paddock_proto::ErrorCode, String)>>,
+}
+
+/// An agent's dispatch slots.
+#[derive(Debug)]
+struct Slots {
+    /// Tasks dispatched to (or re-bound on) this connection and not yet finished, with the
+    /// attempt held.
+    in_flight: HashMap<String, u32>,
+    /// Whether queued work may be waiting for this agent: a claim filled its last free slot
+    /// while queued work was left, a round or a submission passed it over because it was
+    /// full, or it has not claimed yet. A freed slot wakes the dispatcher only then;
+    /// otherwise the claim would find nothing, and new work comes with a submission's claim
+    /// or `TaskReady`.
+    wants_more: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -63,45 +73,63 @@ impl AgentHandle {
     /// Free dispatch slots.
     pub fn free_slots(&self) -> u32 {
         self.max_in_flight
-            .saturating_sub(lock(&self.in_flight).len() as u32)
+            .saturating_sub(lock(&self.slots).in_flight.len() as u32)
     }
 
-    /// See the field: whether a freed slot should wake the dispatcher.
+    /// Free dispatch slots, for a claim about to be made for this agent. When there are none,
+    /// the agent is marked as wanting more first, under the lock a finished attempt takes:
+    /// a slot freed after this call wakes the dispatcher, and one freed before it is counted.
+    /// Work passed over for a full agent is therefore never left waiting for the sweep.
+    pub fn free_slots_or_mark(&self) -> u32 {
+        let mut slots = lock(&self.slots);
+        let free = self
+            .max_in_flight
+            .saturating_sub(slots.in_flight.len() as u32);
+        if free == 0 {
+            slots.wants_more = true;
+        }
+        free
+    }
+
+    /// See [`Slots::wants_more`]: whether a freed slot should wake the dispatcher.
     pub fn wants_more(&self) -> bool {
-        self.wants_more.load(Ordering::Relaxed)
+        lock(&self.slots).wants_more
     }
 
-    /// Set by dispatch rounds (see the field).
+    /// Set after a claim for this agent: whether it filled every free slot while queued work
+    /// was left.
     pub fn set_wants_more(&self, more: bool) {
-        self.wants_more.store(more, Ordering::Relaxed);
+        lock(&self.slots).wants_more = more;
     }
 
     /// Number of tasks in flight.
     pub fn in_flight_count(&self) -> usize {
-        lock(&self.in_flight).len()
+        lock(&self.slots).in_flight.len()
     }
 
     /// Records an attempt as in flight on this connection.
     pub fn add_in_flight(&self, task_id: &str, attempt: u32) {
-        lock(&self.in_flight).insert(task_id.to_string(), attempt);
+        lock(&self.slots)
+            .in_flight
+            .insert(task_id.to_string(), attempt);
     }
 
     /// Whether a task is in flight on this connection.
     pub fn owns(&self, task_id: &str) -> bool {
-        lock(&self.in_flight).contains_key(task_id)
+        lock(&self.slots).in_flight.contains_key(task_id)
     }
 
     /// Forgets a task whatever its attempt; returns whether it was in flight here.
     pub fn remove_in_flight(&self, task_id: &str) -> bool {
-        lock(&self.in_flight).remove(task_id).is_some()
+        lock(&self.slots).in_flight.remove(task_id).is_some()
     }
 
     /// Forgets a task only if this exact attempt is the one held (a stale attempt's result
     /// must not free the slot of the attempt still running).
     pub fn finish_attempt(&self, task_id: &str, attempt: u32) -> bool {
-        let mut m = lock(&self.in_flight);
-        if m.get(task_id) == Some(&attempt) {
-            m.remove(task_id);
+        let mut slots = lock(&self.slots);
+        if slots.in_flight.get(task_id) == Some(&attempt) {
+            slots.in_flight.remove(task_id);
             true
         } else {
             false
@@ -157,9 +185,11 @@ impl Hub {
             max_in_flight: reg.max_in_flight.max(1),
             instance: reg.instance,
             tags: Mutex::new(reg.tags),
-            in_flight: Mutex::new(HashMap::new()),
+            slots: Mutex::new(Slots {
+                in_flight: HashMap::new(),
+                wants_more: true,
+            }),
             tx,
-            wants_more: std::sync::atomic::AtomicBool::new(true),
             close: CancellationToken::new(),
             close_reason: Mutex::new(None),
         });

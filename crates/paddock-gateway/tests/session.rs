@@ -14,7 +14,7 @@ use paddock_proto::{
     Hello, HelloOk, Output, PROTOCOL_VERSION, ResultAck, ResultStatus, RunningTask,
     Stream as OutStream, TaskRef, TaskResult, TaskSpec, decode_gateway, encode, now_ms,
 };
-use paddock_store::{Agent, NewTask, Org, TaskRow, TaskState};
+use paddock_store::{Agent, NewTask, Org, Role, TaskRow, TaskState};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -175,6 +175,34 @@ impl Harness {
             })
             .await
             .unwrap()
+    }
+
+    /// Submits a task through the HTTP API (`POST .../tasks`, an admin token), as a client
+    /// does: the submission's own path, with its claims.
+    async fn submit(&self, spec: &TaskSpec) -> String {
+        use tower::ServiceExt;
+        let (_, token) = self
+            .state
+            .store
+            .create_api_token(&self.org.id, Role::Admin, "test")
+            .await
+            .unwrap();
+        let req = axum::http::Request::post(format!("/v1/orgs/{}/tasks", self.org.id))
+            .header("authorization", format!("Bearer {token}"))
+            .header("x-org-id", &self.org.id)
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(serde_json::to_vec(spec).unwrap()))
+            .unwrap();
+        let resp = paddock_gateway::app(self.state.clone())
+            .oneshot(req)
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202);
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        v["taskId"].as_str().expect("the new task's id").to_string()
     }
 
     async fn task(&self, org_id: &str, id: &str) -> TaskRow {
@@ -1035,6 +1063,49 @@ async fn freed_slots_get_waiting_work_without_the_sweep() {
         .await
         .expect("t5 after t4's slot frees");
     assert_eq!(d5.task_id, t5);
+}
+
+/// A submission claims for a free agent in its own transaction, and marks the agent as
+/// wanting more only if queued work is left; work submitted while the agent is full is
+/// dispatched when its slot frees, with no sweep: the submission marks the full agent, and
+/// the result wakes the dispatcher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submissions_claim_at_once_and_wait_for_a_full_agents_freed_slot() {
+    let h = harness_with_tick(Duration::from_secs(3600)).await;
+    let mut c = h.connect();
+    c.hello(1, vec![]).await;
+    c.sync().await;
+    let handle = h.state.hub.get(&h.agent.id).unwrap();
+    let t1 = h.submit(&echo_spec("s1")).await;
+    let d1 = c.expect_dispatch().await;
+    assert_eq!(d1.task_id, t1);
+    assert!(
+        !handle.wants_more(),
+        "the claim took the only queued task: its result has nothing to wake"
+    );
+    // Full: the submission passes it over and marks it.
+    let t2 = h.submit(&echo_spec("s2")).await;
+    c.expect_silence(Duration::from_millis(200)).await;
+    assert_eq!(h.task(&h.org.id, &t2).await.state, TaskState::Queued);
+    assert!(
+        handle.wants_more(),
+        "a full agent passed over must look again"
+    );
+    let d2 = finish_and_next(&mut c, &d1)
+        .await
+        .expect("s2 as soon as s1's slot frees");
+    assert_eq!(d2.task_id, t2);
+    // Two more while full; the freed slot takes the older, and the agent stays marked
+    // while the newer waits.
+    let t3 = h.submit(&echo_spec("s3")).await;
+    let t4 = h.submit(&echo_spec("s4")).await;
+    let d3 = finish_and_next(&mut c, &d2).await.expect("s3");
+    assert_eq!(d3.task_id, t3);
+    assert!(handle.wants_more(), "s4 is still queued");
+    let d4 = finish_and_next(&mut c, &d3).await.expect("s4");
+    assert_eq!(d4.task_id, t4);
+    assert!(finish_and_next(&mut c, &d4).await.is_none());
+    assert!(!handle.wants_more(), "nothing is queued for it");
 }
 
 /// A `result_ack` may wait in the write buffer for company (the next dispatch), but it is

@@ -75,22 +75,34 @@ pub(crate) fn insert_tasks(conn: &mut Connection, rows: &[InsertRow<'_>], now: i
 
 /// Inserts queued tasks, then makes `claims` (in order; each sees what the ones before it
 /// took), in one transaction: one commit where a submission and its dispatch took two.
-/// `payloads[i]` is the `dispatched` event payload of `claims[i]`.
+/// `payloads[i]` is the `dispatched` event payload of `claims[i]`. Returns each claim's tasks
+/// and whether it filled its limit with queued work of its org left over.
 pub(crate) fn insert_and_claim(
     conn: &mut Connection,
     rows: &[InsertRow<'_>],
     now: i64,
     claims: &[ClaimRequest<'_>],
     payloads: &[String],
-) -> Result<Vec<Vec<ClaimedTask>>> {
+) -> Result<(Vec<Vec<ClaimedTask>>, Vec<bool>)> {
     let tx = Tx::begin(conn)?;
     insert_rows(tx.conn, rows, now)?;
     let mut claimed = Vec::with_capacity(claims.len());
     for (req, payload) in claims.iter().zip(payloads) {
         claimed.push(claim_in(tx.conn, req, payload)?);
     }
+    let mut more = Vec::with_capacity(claims.len());
+    for (req, got) in claims.iter().zip(&claimed) {
+        more.push(got.len() as u32 >= req.limit && org_has_queued(tx.conn, req.org_id)?);
+    }
     tx.commit()?;
-    Ok(claimed)
+    Ok((claimed, more))
+}
+
+/// Whether an org has queued tasks (one probe of the queue's partial index).
+fn org_has_queued(tx: &Connection, org_id: &str) -> Result<bool> {
+    let mut stmt =
+        tx.prepare_cached("SELECT 1 FROM tasks WHERE org_id = ?1 AND state = 'queued' LIMIT 1")?;
+    Ok(stmt.exists(params![org_id])?)
 }
 
 fn insert_rows(tx: &Connection, rows: &[InsertRow<'_>], now: i64) -> Result<()> {

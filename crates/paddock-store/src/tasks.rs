@@ -183,6 +183,19 @@ pub struct ClaimedTask {
     pub created_at: i64,
 }
 
+/// What [`Store::insert_tasks_and_claim`] stored and claimed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InsertedAndClaimed {
+    /// The new tasks' ids, in order.
+    pub ids: Vec<String>,
+    /// Each claim's tasks, in the order of the claims.
+    pub claimed: Vec<Vec<ClaimedTask>>,
+    /// Per claim: it filled its limit and its org still had queued tasks once every claim
+    /// was made, so its agent may have more to take when a slot frees. `false` for a claim
+    /// that took fewer than its limit (nothing it may take was left).
+    pub more: Vec<bool>,
+}
+
 /// Count of tasks in a state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateCount {
@@ -413,7 +426,7 @@ impl Store {
         &self,
         tasks: &[NewTask],
         claims: &[ClaimRequest<'_>],
-    ) -> Result<(Vec<String>, Vec<Vec<ClaimedTask>>)> {
+    ) -> Result<InsertedAndClaimed> {
         if claims.iter().any(|c| c.instance) {
             return Err(corrupt(
                 "claims",
@@ -429,8 +442,9 @@ impl Store {
                 .collect();
             let mut w = self.w().await?;
             if let Some(raw) = w.raw() {
-                let claimed = crate::hot::insert_and_claim(raw, &rows, now, claims, &payloads)?;
-                return Ok((ids, claimed));
+                let (claimed, more) =
+                    crate::hot::insert_and_claim(raw, &rows, now, claims, &payloads)?;
+                return Ok(InsertedAndClaimed { ids, claimed, more });
             }
         }
         let ids = self.insert_tasks(tasks).await?;
@@ -438,7 +452,20 @@ impl Store {
         for c in claims {
             claimed.push(self.claim_tasks(c).await?);
         }
-        Ok((ids, claimed))
+        let mut more = Vec::with_capacity(claims.len());
+        for (c, got) in claims.iter().zip(&claimed) {
+            more.push(got.len() as u32 >= c.limit && self.org_has_queued(c.org_id).await?);
+        }
+        Ok(InsertedAndClaimed { ids, claimed, more })
+    }
+
+    /// Whether an org has queued tasks (read on the queue's partial index).
+    async fn org_has_queued(&self, org_id: &str) -> Result<bool> {
+        let row = sqlx::query("SELECT 1 FROM tasks WHERE org_id = $1 AND state = 'queued' LIMIT 1")
+            .bind(org_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
     }
 
     /// One task of an org.

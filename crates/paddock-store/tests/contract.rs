@@ -1862,8 +1862,11 @@ async fn insert_and_claim_take_older_work_first_and_all_or_nothing(store: Store)
         .map(|i| new_task(&org.id, shell(&["echo", &format!("n{i}")])))
         .collect();
     let claims = [a.req(&org.id, "a1", 2), a.req(&org.id, "a2", 5)];
-    let (ids, claimed) = store.insert_tasks_and_claim(&new, &claims).await.unwrap();
+    let done = store.insert_tasks_and_claim(&new, &claims).await.unwrap();
+    let (ids, claimed) = (done.ids, done.claimed);
     assert_eq!(ids.len(), 3);
+    // a1 filled its limit, but a2 took what was left: neither may want more.
+    assert_eq!(done.more, vec![false, false]);
     let got: Vec<Vec<&str>> = claimed
         .iter()
         .map(|c| c.iter().map(|t| t.id.as_str()).collect())
@@ -1888,11 +1891,12 @@ async fn insert_and_claim_take_older_work_first_and_all_or_nothing(store: Store)
         }
     }
     // No claims: a plain insert.
-    let (more, none) = store
+    let plain = store
         .insert_tasks_and_claim(&[new_task(&org.id, shell(&["true"]))], &[])
         .await
         .unwrap();
-    assert!(none.is_empty());
+    assert!(plain.claimed.is_empty() && plain.more.is_empty());
+    let more = plain.ids;
     let queued = store
         .list_tasks(&org.id, Some(TaskState::Queued), 10)
         .await
@@ -1915,6 +1919,21 @@ async fn insert_and_claim_take_older_work_first_and_all_or_nothing(store: Store)
         vec![more[0].as_str()],
         "nothing of the failed batch is stored, and the queued task is not claimed"
     );
+    // Two new tasks, one slot: the claim takes the queued one and work is left (the org's
+    // newest task), so the agent may want more.
+    let two: Vec<NewTask> = (0..2)
+        .map(|_| new_task(&org.id, shell(&["true"])))
+        .collect();
+    let done = store
+        .insert_tasks_and_claim(&two, &[a.req(&org.id, "a4", 1)])
+        .await
+        .unwrap();
+    assert_eq!(done.claimed[0].len(), 1);
+    assert_eq!(
+        done.claimed[0][0].id, more[0],
+        "the older queued task first"
+    );
+    assert_eq!(done.more, vec![true]);
     // Instance claims go through claim_tasks.
     let mut inst = a.req(&org.id, "i1", 1);
     inst.instance = true;

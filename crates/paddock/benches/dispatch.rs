@@ -25,6 +25,8 @@
 
 #[path = "dispatch/floor.rs"]
 mod floor;
+#[path = "dispatch/http1.rs"]
+mod http1;
 #[path = "dispatch/idle.rs"]
 mod idle;
 #[path = "dispatch/procs.rs"]
@@ -145,25 +147,40 @@ async fn fresh_db(db: &str, dir: &std::path::Path) -> String {
     }
 }
 
-/// (a) Sequential submit-and-wait round trips.
+/// (a) Sequential submit-and-wait round trips on one kept-alive connection driven by the
+/// measuring task (the lean client, as the floor's); `via_reqwest` sends them through
+/// `reqwest` instead (its connection task adds a task hand-off each way).
 async fn round_trips(
+    gw: &Gateway,
     org: &procs::Org,
     http: &reqwest::Client,
     n: usize,
     workload: &str,
+    via_reqwest: bool,
 ) -> Vec<Duration> {
     let body = task(workload);
+    let bytes = serde_json::to_vec(&body).unwrap();
+    let path = format!("/v1/orgs/{}/tasks/run", org.id);
+    let headers = format!(
+        "authorization: Bearer {}\r\nx-org-id: {}\r\n",
+        org.token, org.id
+    );
+    let mut conn = http1::Conn::connect(gw.port).await;
     let mut samples = Vec::with_capacity(n);
     for i in 0..n + 50 {
         let t0 = Instant::now();
-        let resp = org
-            .post(http, "/tasks/run")
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status();
-        let task: Value = resp.json().await.unwrap();
+        let (status, task): (u16, Value) = if via_reqwest {
+            let resp = org
+                .post(http, "/tasks/run")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.json().await.unwrap())
+        } else {
+            let (status, reply) = conn.post_json(&path, &headers, &bytes).await;
+            (status, serde_json::from_slice(&reply).unwrap())
+        };
         let dt = t0.elapsed();
         assert!(
             status == 200 && task["state"] == "succeeded",
@@ -353,9 +370,15 @@ async fn bench_db(db: &str, a: &Args, http: &reqwest::Client) -> Value {
         let agent = AgentProc::pair(&org, http, 1).await;
         for (workload, suffix) in [("noop", ""), ("true", "_true")] {
             if want("rt") {
-                let s = summary(round_trips(&org, http, a.roundtrips, workload).await);
+                let s = summary(round_trips(&gw, &org, http, a.roundtrips, workload, false).await);
                 eprintln!("  [{db}] round trip, {workload}: {s}");
                 out.insert(format!("round_trip{suffix}"), s);
+                if workload == "noop" {
+                    let s =
+                        summary(round_trips(&gw, &org, http, a.roundtrips, workload, true).await);
+                    eprintln!("  [{db}] round trip through reqwest, {workload}: {s}");
+                    out.insert("round_trip_reqwest".into(), s);
+                }
             }
             if want("tput") {
                 // A quarter of the tasks for `true`: it is there to show what a spawned
