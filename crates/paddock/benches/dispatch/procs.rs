@@ -214,6 +214,8 @@ impl AgentProc {
             .env("HOME", home.path())
             .env("PADDOCK_AGENT_EXEC_BACKEND", "host")
             .env("PADDOCK_AGENT_LOG_LEVEL", "warn")
+            // The gateway's runtime size (an experiment's setting) is not the agent's.
+            .env_remove("TOKIO_WORKER_THREADS")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
