@@ -17,6 +17,7 @@ pub mod inserter;
 pub mod instances;
 pub mod metrics;
 pub mod openapi;
+mod serve;
 pub mod vm_token;
 pub mod workers;
 
@@ -162,15 +163,7 @@ impl Gateway {
         let state = self.state.clone();
         let shutdown = state.shutdown.clone();
         let app = app(state.clone());
-        // TCP_NODELAY on every accepted connection: without it, a small frame written while
-        // the previous one is unacknowledged (a `dispatch` right after a `result_ack`) waits
-        // for the peer's delayed ACK, 20-40 ms on Linux (issue 6 benchmark).
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!("cannot set TCP_NODELAY: {e}");
-            }
-        });
-        let server = axum::serve(listener, app).with_graceful_shutdown({
+        tokio::spawn({
             let shutdown = shutdown.clone();
             async move {
                 tokio::select! {
@@ -180,13 +173,12 @@ impl Gateway {
                 shutdown.cancel();
             }
         });
-        let serving = tokio::spawn(async move { server.await });
+        let serving = tokio::spawn(serve::serve(listener, app, shutdown.clone()));
         shutdown.cancelled().await;
         tracing::info!("shutting down: closing agent sessions");
         // Sessions see the token and close; HTTP requests in flight get a bounded grace.
         match tokio::time::timeout(Duration::from_secs(10), serving).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::warn!("server error during shutdown: {e}"),
+            Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!("server task failed: {e}"),
             Err(_) => tracing::warn!("requests still open after 10 s; closing anyway"),
         }
