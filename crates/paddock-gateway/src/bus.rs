@@ -233,7 +233,7 @@ pub(crate) fn apply_local(state: &AppState, event: &BusEvent) {
             attempt,
         } => {
             if let Some(h) = state.hub.get(agent) {
-                let _ = h.tx.send(paddock_proto::GatewayMessage::Cancel(
+                let _ = h.send(paddock_proto::GatewayMessage::Cancel(
                     paddock_proto::Cancel {
                         task_id: task.clone(),
                         attempt: *attempt,

@@ -201,7 +201,7 @@ fn lease_until(state: &AppState, now: i64) -> i64 {
 }
 
 /// Claims made with a submission's insert ([`insert_and_claim`]), to hand to the agents
-/// with [`deliver`] once the callers are answered. Holds the round lock until then.
+/// with [`deliver`]. Holds the round lock until then.
 pub(crate) struct Claims<'a> {
     _round: tokio::sync::MutexGuard<'a, ()>,
     lease_until: i64,
@@ -213,14 +213,26 @@ pub(crate) struct Claims<'a> {
     instance_orgs: BTreeSet<String>,
 }
 
+/// When [`insert_and_claim`]'s claims go to their agents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hand {
+    /// Before the commit (SQLite; on PostgreSQL the claims are committed by then): the
+    /// dispatches leave while the commit is written. A commit that fails after them takes
+    /// them back ([`recall`]).
+    BeforeCommit,
+    /// Returned to the caller, which answers its callers first and then calls [`deliver`].
+    AfterCommit,
+}
+
 /// SQLite: stores a batch of submissions and, in the same transaction, claims for this
 /// replica's agents of the batch's orgs (each for its free slots, oldest queued work first,
 /// as a round would): one commit where an insert and a round took two. Nothing is stored if
-/// it fails.
+/// it fails. With [`Hand::AfterCommit`] the claims are returned, for [`deliver`].
 pub(crate) async fn insert_and_claim<'a>(
     state: &'a AppState,
     tasks: &[paddock_store::NewTask],
-) -> Result<(Vec<String>, Claims<'a>), paddock_store::StoreError> {
+    hand: Hand,
+) -> Result<(Vec<String>, Option<Claims<'a>>), paddock_store::StoreError> {
     let round = state.dispatch_wake.round.lock().await;
     let orgs: BTreeSet<&str> = tasks.iter().map(|t| t.org_id.as_str()).collect();
     let mut open = Vec::new();
@@ -246,36 +258,57 @@ pub(crate) async fn insert_and_claim<'a>(
         .iter()
         .map(|(h, free, tags)| request(state, h, tags, *free, now))
         .collect();
-    let done = state.store.insert_tasks_and_claim(tasks, &requests).await?;
-    drop(requests);
-    let agents = open
-        .into_iter()
-        .zip(done.claimed.into_iter().zip(done.more))
-        .map(|((h, _, _), (c, more))| (h, c, more))
-        .collect();
-    Ok((
-        done.ids,
-        Claims {
-            _round: round,
-            lease_until: lease_until(state, now),
-            agents,
-            instance_orgs,
-        },
-    ))
+    let handles: Vec<Arc<AgentHandle>> = open.iter().map(|(h, _, _)| h.clone()).collect();
+    let mut later = None;
+    let mut sent = Vec::new();
+    let stored = state
+        .store
+        .insert_tasks_and_claim(tasks, &requests, |claimed, more| {
+            let claims = Claims {
+                _round: round,
+                lease_until: lease_until(state, now),
+                agents: handles
+                    .into_iter()
+                    .zip(claimed.into_iter().zip(more))
+                    .map(|(h, (c, more))| (h, c, more))
+                    .collect(),
+                instance_orgs,
+            };
+            match hand {
+                Hand::BeforeCommit => sent = deliver(state, claims),
+                Hand::AfterCommit => later = Some(claims),
+            }
+        })
+        .await;
+    match stored {
+        Ok(ids) => Ok((ids, later)),
+        Err(e) => {
+            recall(sent);
+            Err(e)
+        }
+    }
 }
 
 /// Hands the claims of [`insert_and_claim`] to their agents; wakes the dispatcher if an
 /// agent filled its batch with work left queued, or instances are waiting. Never waits: a
 /// request handler that calls it cannot be dropped half-way through (claims of sessions
-/// that ended meanwhile are released by a background task).
-pub(crate) fn deliver(state: &AppState, claims: Claims<'_>) {
+/// that ended meanwhile are released by a background task). Returns the dispatches sent.
+pub(crate) fn deliver(state: &AppState, claims: Claims<'_>) -> Vec<Sent> {
     let mut more = false;
     let mut unsent = Vec::new();
+    let mut sent = Vec::new();
     for (handle, claimed, wants_more) in claims.agents {
         // Before the dispatch leaves: its result must read the new mark.
         handle.set_wants_more(wants_more);
         more |= wants_more;
-        unsent.extend(send_claimed(state, &handle, claimed, claims.lease_until));
+        let ids: Vec<(String, u32)> = claimed.iter().map(|c| (c.id.clone(), c.attempt)).collect();
+        let failed = send_claimed(state, &handle, claimed, claims.lease_until);
+        sent.extend(
+            ids.into_iter()
+                .filter(|id| !failed.contains(id))
+                .map(|(id, attempt)| (handle.clone(), id, attempt)),
+        );
+        unsent.extend(failed);
     }
     drop(claims._round);
     if !unsent.is_empty() {
@@ -293,6 +326,26 @@ pub(crate) fn deliver(state: &AppState, claims: Claims<'_>) {
     }
     for org in &claims.instance_orgs {
         state.dispatch_wake.org(org);
+    }
+    sent
+}
+
+/// A dispatch sent: the agent, the task and the attempt.
+pub(crate) type Sent = (Arc<AgentHandle>, String, u32);
+
+/// Takes back dispatches whose claims were not committed (the commit after
+/// [`Hand::BeforeCommit`] failed): their slots are freed and the agents told to cancel them.
+/// A result that still comes is not stored (there is no row for it).
+fn recall(sent: Vec<Sent>) {
+    for (handle, task_id, attempt) in sent {
+        if handle.finish_attempt(&task_id, attempt) {
+            tracing::warn!(task = %task_id, agent = %handle.agent_id, "dispatched task not stored; cancelled");
+            let _ = handle.send(GatewayMessage::Cancel(paddock_proto::Cancel {
+                task_id,
+                attempt,
+                reason: "the task could not be stored".into(),
+            }));
+        }
     }
 }
 
@@ -344,7 +397,7 @@ fn send_claimed(
             lease_deadline_ms: lease_until,
             spec: task.spec,
         }));
-        if handle.tx.send(msg).is_err() {
+        if handle.send(msg).is_err() {
             handle.remove_in_flight(&id);
             unsent.push((id, attempt));
             continue;
@@ -370,4 +423,43 @@ async fn release(
         state.store.release_claim(id, *attempt).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::{Hub, Registration};
+
+    /// A dispatch whose claim was not committed is taken back: its slot is freed and the
+    /// agent told to cancel it; an attempt the agent no longer holds is left alone.
+    #[test]
+    fn recall_frees_the_slot_and_cancels_at_the_agent() {
+        let hub = Hub::default();
+        let (handle, mut rx) = hub.register(Registration {
+            agent_id: "a1".into(),
+            org_id: "o1".into(),
+            tags: vec![],
+            kinds: vec!["agent.execute".into()],
+            backends: vec![],
+            max_in_flight: 2,
+            instance: false,
+        });
+        handle.add_in_flight("t1", 1);
+        handle.add_in_flight("t2", 3);
+        assert_eq!(handle.free_slots(), 0);
+        recall(vec![
+            (handle.clone(), "t1".into(), 1),
+            // Not the attempt held: nothing to take back.
+            (handle.clone(), "t2".into(), 2),
+        ]);
+        assert_eq!(handle.free_slots(), 1);
+        assert!(handle.owns("t2"));
+        match rx.try_recv() {
+            Ok(GatewayMessage::Cancel(c)) => {
+                assert_eq!((c.task_id.as_str(), c.attempt), ("t1", 1));
+            }
+            other => panic!("expected a cancel, got {other:?}"),
+        }
+        assert!(rx.try_recv().is_err(), "one cancel only");
+    }
 }

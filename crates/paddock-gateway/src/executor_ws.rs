@@ -4,6 +4,10 @@
 //! `Sink<Frame>` ([`run_session`]), so the protocol logic is unit-tested with channels; the
 //! axum handler only authenticates the upgrade and adapts axum's message type.
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
@@ -20,7 +24,7 @@ use paddock_store::Agent;
 use crate::AppState;
 use crate::bus::{self, BusEvent};
 use crate::error::ApiError;
-use crate::hub::{AgentHandle, Registration};
+use crate::hub::{AgentHandle, DirectWrite, Registration};
 
 /// Read buffer of one session. tungstenite allocates its default (128 KiB) eagerly per
 /// connection, 1.3 GiB for 10,000 idle agents; agent frames are small (larger ones are read
@@ -171,7 +175,7 @@ fn error_msg(code: ErrorCode, message: impl Into<String>) -> GatewayMessage {
 /// leaves, goes stale, is revoked or replaced, or the gateway shuts down.
 pub async fn run_session<S, R>(state: AppState, agent: Agent, mut sink: S, mut stream: R)
 where
-    S: Sink<Frame> + Unpin,
+    S: Sink<Frame> + Unpin + Send + 'static,
     R: Stream<Item = Frame> + Unpin,
 {
     let max = state.cfg.max_frame_bytes;
@@ -336,6 +340,12 @@ where
         finish(&state, &handle).await;
         return;
     }
+    // From here the socket is shared: a claim writes its dispatch to it in place when it can
+    // (`AgentHandle::send`); this loop writes everything else.
+    let sink = Arc::new(futures_util::lock::Mutex::new(sink));
+    handle.set_direct(Arc::new(Direct {
+        sink: Arc::downgrade(&sink),
+    }));
     state.dispatch_wake.org(&agent.org_id);
 
     // 3. main loop
@@ -358,20 +368,30 @@ where
             () = handle.close.cancelled() => {
                 let reason = handle.close_reason.lock().ok().and_then(|r| r.clone());
                 let (code, message) = reason.unwrap_or((ErrorCode::Unavailable, "gateway shutting down".into()));
-                let _ = sink.send(encode(&error_msg(code, message))).await;
-                let _ = sink.send(Frame::Close).await;
+                let _ = sink.lock().await.send(encode(&error_msg(code, message))).await;
+                let _ = sink.lock().await.send(Frame::Close).await;
                 break;
             }
             () = state.shutdown.cancelled() => {
-                let _ = sink.send(encode(&error_msg(ErrorCode::Unavailable, "gateway shutting down; reconnect"))).await;
-                let _ = sink.send(Frame::Close).await;
+                let _ = sink.lock().await.send(encode(&error_msg(ErrorCode::Unavailable, "gateway shutting down; reconnect"))).await;
+                let _ = sink.lock().await.send(Frame::Close).await;
                 break;
             }
             out = rx.recv() => {
                 let Some(msg) = out else { break };
                 // Flushes any acks written before it, in the same write.
                 acks_due = None;
-                if sink.send(encode(&msg)).await.is_err() {
+                let mut socket = sink.lock().await;
+                let sent = socket.send(encode(&msg)).await;
+                handle.written_from_queue();
+                drop(socket);
+                if sent.is_err() {
+                    break;
+                }
+            }
+            () = handle.flush_wanted.notified() => {
+                // A dispatch written in place that the socket could not take at once.
+                if sink.lock().await.flush().await.is_err() {
                     break;
                 }
             }
@@ -382,7 +402,7 @@ where
                 }
             } => {
                 acks_due = None;
-                if sink.flush().await.is_err() {
+                if sink.lock().await.flush().await.is_err() {
                     break;
                 }
             }
@@ -416,7 +436,7 @@ where
                         match finish_results(&state, &agent, &handle, results).await {
                             Ok(acks) => {
                                 for ack in acks {
-                                    if sink.feed(encode(&ack)).await.is_err() {
+                                    if sink.lock().await.feed(encode(&ack)).await.is_err() {
                                         ok = false;
                                         break;
                                     }
@@ -424,8 +444,8 @@ where
                                 acks_due.get_or_insert_with(|| tokio::time::Instant::now() + ACK_LINGER);
                             }
                             Err(fatal) => {
-                                let _ = sink.send(encode(&fatal)).await;
-                                let _ = sink.send(Frame::Close).await;
+                                let _ = sink.lock().await.send(encode(&fatal)).await;
+                                let _ = sink.lock().await.send(Frame::Close).await;
                                 ok = false;
                             }
                         }
@@ -439,22 +459,22 @@ where
                     }
                     Ok(Some(msg)) => match handle_message(&state, &agent, &handle, msg).await {
                         Ok(Some(reply)) => {
-                            if sink.send(encode(&reply)).await.is_err() {
+                            if sink.lock().await.send(encode(&reply)).await.is_err() {
                                 break;
                             }
                         }
                         Ok(None) => {}
                         Err(fatal) => {
-                            let _ = sink.send(encode(&fatal)).await;
-                            let _ = sink.send(Frame::Close).await;
+                            let _ = sink.lock().await.send(encode(&fatal)).await;
+                            let _ = sink.lock().await.send(Frame::Close).await;
                             break;
                         }
                     },
                     Err(e) => {
-                        reject_frame(&state, &mut sink, &e).await;
+                        reject_frame(&state, &mut *sink.lock().await, &e).await;
                         bad_frames += 1;
                         if matches!(e, FrameError::TooLarge { .. }) || bad_frames >= MAX_BAD_FRAMES {
-                            let _ = sink.send(Frame::Close).await;
+                            let _ = sink.lock().await.send(Frame::Close).await;
                             break;
                         }
                     }
@@ -463,14 +483,61 @@ where
             _ = stale_check.tick() => {
                 if last_seen.elapsed() > stale {
                     tracing::warn!(agent = %agent.id, "agent silent for {:?}; disconnecting", stale);
-                    let _ = sink.send(encode(&error_msg(ErrorCode::ProtocolViolation, "no heartbeat within GATEWAY_AGENT_STALE_MS"))).await;
-                    let _ = sink.send(Frame::Close).await;
+                    let _ = sink.lock().await.send(encode(&error_msg(ErrorCode::ProtocolViolation, "no heartbeat within GATEWAY_AGENT_STALE_MS"))).await;
+                    let _ = sink.lock().await.send(Frame::Close).await;
                     break;
                 }
             }
         }
     }
     finish(&state, &handle).await;
+}
+
+/// The session's socket as [`AgentHandle::send`] writes to it in place. Weak: the socket
+/// closes when the session ends, whoever still holds the handle.
+struct Direct<S> {
+    sink: std::sync::Weak<futures_util::lock::Mutex<S>>,
+}
+
+impl<S> std::fmt::Debug for Direct<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Direct").finish_non_exhaustive()
+    }
+}
+
+impl<S: Sink<Frame> + Unpin + Send + 'static> DirectWrite for Direct<S> {
+    fn try_write(
+        &self,
+        msg: &GatewayMessage,
+        queued: &AtomicUsize,
+        flush_wanted: &tokio::sync::Notify,
+    ) -> bool {
+        let Some(shared) = self.sink.upgrade() else {
+            return false;
+        };
+        // Held by the session (writing, or about to): queue instead.
+        let Some(mut sink) = shared.try_lock() else {
+            return false;
+        };
+        if queued.load(Ordering::SeqCst) != 0 {
+            return false;
+        }
+        // A waker that wakes nobody: what cannot finish now is handed to the session, which
+        // polls with its own.
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut sink = Pin::new(&mut *sink);
+        if !matches!(sink.as_mut().poll_ready(&mut cx), Poll::Ready(Ok(()))) {
+            return false;
+        }
+        if sink.as_mut().start_send(encode(msg)).is_err() {
+            // The socket failed: the session finds out on its next read or write.
+            return false;
+        }
+        if sink.as_mut().poll_flush(&mut cx).is_pending() {
+            flush_wanted.notify_one();
+        }
+        true
+    }
 }
 
 async fn reject_frame<S: Sink<Frame> + Unpin>(state: &AppState, sink: &mut S, e: &FrameError) {
@@ -728,4 +795,91 @@ async fn finish_results(
 /// connection, so an agent can never write into another agent's, or another org's, task.
 fn handle_owns(handle: &AgentHandle, task_id: &str) -> bool {
     handle.owns(task_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sink that records frames; `busy`: it takes no frame now; `slow_flush`: a flush
+    /// does not finish now.
+    #[derive(Default)]
+    struct Socket {
+        frames: Vec<Frame>,
+        unflushed: Vec<Frame>,
+        busy: bool,
+        slow_flush: bool,
+    }
+
+    impl Sink<Frame> for Socket {
+        type Error = ();
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), ()>> {
+            if self.busy {
+                Poll::Pending
+            } else {
+                Poll::Ready(Ok(()))
+            }
+        }
+        fn start_send(mut self: Pin<&mut Self>, f: Frame) -> Result<(), ()> {
+            self.unflushed.push(f);
+            Ok(())
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), ()>> {
+            if self.slow_flush {
+                return Poll::Pending;
+            }
+            let done = std::mem::take(&mut self.unflushed);
+            self.frames.extend(done);
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), ()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn heartbeat() -> GatewayMessage {
+        GatewayMessage::Heartbeat(Heartbeat { ts_ms: 1 })
+    }
+
+    /// A frame is written in place only when the socket is free, nothing is queued ahead of
+    /// it and the session is alive; a write the socket cannot finish is handed to the
+    /// session's flush.
+    #[tokio::test]
+    async fn writes_in_place_only_when_nothing_is_ahead() {
+        let socket = Arc::new(futures_util::lock::Mutex::new(Socket::default()));
+        let direct = Direct {
+            sink: Arc::downgrade(&socket),
+        };
+        let queued = AtomicUsize::new(0);
+        let flush = tokio::sync::Notify::new();
+        assert!(direct.try_write(&heartbeat(), &queued, &flush));
+        assert_eq!(socket.lock().await.frames.len(), 1, "written and flushed");
+
+        // A message queued for the session is not overtaken.
+        queued.store(1, Ordering::SeqCst);
+        assert!(!direct.try_write(&heartbeat(), &queued, &flush));
+        queued.store(0, Ordering::SeqCst);
+
+        // The session is writing (holds the socket), or the socket takes nothing now.
+        {
+            let _session = socket.lock().await;
+            assert!(!direct.try_write(&heartbeat(), &queued, &flush));
+        }
+        socket.lock().await.busy = true;
+        assert!(!direct.try_write(&heartbeat(), &queued, &flush));
+        socket.lock().await.busy = false;
+        assert_eq!(socket.lock().await.frames.len(), 1, "nothing more written");
+
+        // Taken but not flushed: the session is asked to finish it.
+        socket.lock().await.slow_flush = true;
+        assert!(direct.try_write(&heartbeat(), &queued, &flush));
+        tokio::time::timeout(Duration::from_secs(1), flush.notified())
+            .await
+            .expect("the session is asked to flush");
+        assert_eq!(socket.lock().await.unflushed.len(), 1);
+
+        // The session ended: its socket is gone, nothing is written in place.
+        drop(socket);
+        assert!(!direct.try_write(&heartbeat(), &queued, &flush));
+    }
 }

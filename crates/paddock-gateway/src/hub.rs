@@ -2,8 +2,8 @@
 //! in-flight tasks, and the channel to their WebSocket session.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use paddock_proto::GatewayMessage;
 use tokio::sync::mpsc;
@@ -33,8 +33,17 @@ pub struct AgentHandle {
     /// dispatcher: one lock, so a round that finds the agent full and a result that frees a
     /// slot always see each other (see [`AgentHandle::free_slots_or_mark`]).
     slots: Mutex<Slots>,
-    /// Outgoing messages to the session.
-    pub tx: mpsc::UnboundedSender<GatewayMessage>,
+    /// Outgoing messages to the session (see [`AgentHandle::send`]).
+    tx: mpsc::UnboundedSender<GatewayMessage>,
+    /// Messages put in `tx` that the session has not written yet: a frame written in place
+    /// must not overtake them.
+    queued: AtomicUsize,
+    /// The session's socket, installed by the session once it is running, for writing a
+    /// frame in place.
+    direct: OnceLock<Arc<dyn DirectWrite>>,
+    /// Asks the session to finish a write begun in place that the socket could not take
+    /// at once.
+    pub flush_wanted: tokio::sync::Notify,
     /// Fired to close the session (revocation, replacement, shutdown).
     pub close: CancellationToken,
     /// Why `close` was fired, sent to the agent as an `error` before closing.
@@ -53,6 +62,19 @@ struct Slots {
     /// otherwise the claim would find nothing, and new work comes with a submission's claim
     /// or `TaskReady`.
     wants_more: bool,
+}
+
+/// Writes a frame to an agent's socket from the caller's task, without waiting.
+pub trait DirectWrite: Send + Sync + std::fmt::Debug {
+    /// Writes `msg` if the socket is free now and `queued` (messages the session has still
+    /// to write) is zero, and returns `true`; a write the socket could not finish at once is
+    /// completed by the session (`flush_wanted`). `false`: nothing was written.
+    fn try_write(
+        &self,
+        msg: &GatewayMessage,
+        queued: &AtomicUsize,
+        flush_wanted: &tokio::sync::Notify,
+    ) -> bool;
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -136,6 +158,35 @@ impl AgentHandle {
         }
     }
 
+    /// Sends a message to the agent: written to its socket at once by the caller when the
+    /// session has nothing waiting and the socket is free (one task hand-off fewer between a
+    /// claim and the agent), otherwise queued for the session. Order is kept: a message is
+    /// never written ahead of one queued before it. `Err` gives the message back when the
+    /// session has ended.
+    pub fn send(&self, msg: GatewayMessage) -> Result<(), GatewayMessage> {
+        if let Some(direct) = self.direct.get()
+            && direct.try_write(&msg, &self.queued, &self.flush_wanted)
+        {
+            return Ok(());
+        }
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        self.tx.send(msg).map_err(|e| {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            e.0
+        })
+    }
+
+    /// Called by the session once it has written a message taken from the queue (still
+    /// holding its socket).
+    pub fn written_from_queue(&self) {
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Installs the session's socket for [`AgentHandle::send`]'s writes in place.
+    pub fn set_direct(&self, direct: Arc<dyn DirectWrite>) {
+        let _ = self.direct.set(direct);
+    }
+
     /// Asks the session to close with an error sent to the agent first.
     pub fn close_with(&self, code: paddock_proto::ErrorCode, message: impl Into<String>) {
         *lock(&self.close_reason) = Some((code, message.into()));
@@ -185,6 +236,9 @@ impl Hub {
             max_in_flight: reg.max_in_flight.max(1),
             instance: reg.instance,
             tags: Mutex::new(reg.tags),
+            queued: AtomicUsize::new(0),
+            direct: OnceLock::new(),
+            flush_wanted: tokio::sync::Notify::new(),
             slots: Mutex::new(Slots {
                 in_flight: HashMap::new(),
                 wants_more: true,

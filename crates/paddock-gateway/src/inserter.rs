@@ -69,11 +69,16 @@ pub(crate) async fn submit(state: &AppState, task: NewTask) -> Result<String, Ap
         && inserter.tx.capacity() == inserter.tx.max_capacity()
         && let Ok(slot) = inserter.slot.try_lock()
     {
-        match crate::dispatcher::insert_and_claim(state, std::slice::from_ref(&task)).await {
-            Ok((mut ids, claims)) => {
-                // From the commit on nothing here waits: a caller that goes away cannot
-                // leave a claimed task unsent.
-                crate::dispatcher::deliver(state, claims);
+        // The dispatch is written to the agent's socket before the commit, which is written
+        // while the agent works; the caller is answered after the commit.
+        let stored = crate::dispatcher::insert_and_claim(
+            state,
+            std::slice::from_ref(&task),
+            crate::dispatcher::Hand::BeforeCommit,
+        )
+        .await;
+        match stored {
+            Ok((mut ids, _)) => {
                 drop(slot);
                 bus::publish_ready_dispatched(state, vec![task.org_id]).await;
                 return ids
@@ -138,7 +143,13 @@ async fn write(state: &AppState, batch: Vec<Pending>) {
         batch.into_iter().map(|p| (p.task, p.reply)).unzip();
     if state.store.dialect() == paddock_store::Dialect::Sqlite {
         // One writer: the batch and its dispatch to this replica's agents in one commit.
-        match crate::dispatcher::insert_and_claim(state, &tasks).await {
+        match crate::dispatcher::insert_and_claim(
+            state,
+            &tasks,
+            crate::dispatcher::Hand::AfterCommit,
+        )
+        .await
+        {
             Ok((ids, claims)) => {
                 // Answered before the dispatch: the agent session woken last is the one
                 // this worker runs next (tokio's LIFO slot), so the dispatch is written on
@@ -146,7 +157,9 @@ async fn write(state: &AppState, batch: Vec<Pending>) {
                 for (reply, id) in replies.into_iter().zip(ids) {
                     let _ = reply.send(Ok(id));
                 }
-                crate::dispatcher::deliver(state, claims);
+                if let Some(claims) = claims {
+                    crate::dispatcher::deliver(state, claims);
+                }
                 let orgs: BTreeSet<String> = tasks.iter().map(|t| t.org_id.clone()).collect();
                 bus::publish_ready_dispatched(state, orgs.into_iter().collect()).await;
                 return;

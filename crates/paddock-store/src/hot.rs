@@ -75,15 +75,17 @@ pub(crate) fn insert_tasks(conn: &mut Connection, rows: &[InsertRow<'_>], now: i
 
 /// Inserts queued tasks, then makes `claims` (in order; each sees what the ones before it
 /// took), in one transaction: one commit where a submission and its dispatch took two.
-/// `payloads[i]` is the `dispatched` event payload of `claims[i]`. Returns each claim's tasks
-/// and whether it filled its limit with queued work of its org left over.
+/// `payloads[i]` is the `dispatched` event payload of `claims[i]`. Hands `before_commit` each
+/// claim's tasks and whether it filled its limit with queued work of its org left over, then
+/// commits.
 pub(crate) fn insert_and_claim(
     conn: &mut Connection,
     rows: &[InsertRow<'_>],
     now: i64,
     claims: &[ClaimRequest<'_>],
     payloads: &[String],
-) -> Result<(Vec<Vec<ClaimedTask>>, Vec<bool>)> {
+    before_commit: impl FnOnce(Vec<Vec<ClaimedTask>>, Vec<bool>),
+) -> Result<()> {
     let tx = Tx::begin(conn)?;
     insert_rows(tx.conn, rows, now)?;
     let mut claimed = Vec::with_capacity(claims.len());
@@ -94,8 +96,8 @@ pub(crate) fn insert_and_claim(
     for (req, got) in claims.iter().zip(&claimed) {
         more.push(got.len() as u32 >= req.limit && org_has_queued(tx.conn, req.org_id)?);
     }
-    tx.commit()?;
-    Ok((claimed, more))
+    before_commit(claimed, more);
+    tx.commit()
 }
 
 /// Whether an org has queued tasks (one probe of the queue's partial index).

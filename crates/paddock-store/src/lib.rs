@@ -31,8 +31,8 @@ pub use instances::{
 };
 pub use orgs::{ApiPrincipal, Org, Role};
 pub use tasks::{
-    ClaimRequest, ClaimedTask, EventRow, INSERT_CHUNK, InsertedAndClaimed, NewTask, OutputRow,
-    ReapedTask, StateCount, TaskRow, TaskState, new_task_id,
+    ClaimRequest, ClaimedTask, EventRow, INSERT_CHUNK, NewTask, OutputRow, ReapedTask, StateCount,
+    TaskRow, TaskState, new_task_id,
 };
 
 /// Which database is behind the pool.

@@ -183,19 +183,6 @@ pub struct ClaimedTask {
     pub created_at: i64,
 }
 
-/// What [`Store::insert_tasks_and_claim`] stored and claimed.
-#[derive(Debug, Clone, PartialEq)]
-pub struct InsertedAndClaimed {
-    /// The new tasks' ids, in order.
-    pub ids: Vec<String>,
-    /// Each claim's tasks, in the order of the claims.
-    pub claimed: Vec<Vec<ClaimedTask>>,
-    /// Per claim: it filled its limit and its org still had queued tasks once every claim
-    /// was made, so its agent may have more to take when a slot frees. `false` for a claim
-    /// that took fewer than its limit (nothing it may take was left).
-    pub more: Vec<bool>,
-}
-
 /// Count of tasks in a state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateCount {
@@ -410,23 +397,31 @@ impl Store {
         Ok(ids)
     }
 
-    /// Inserts queued tasks (as [`Store::insert_tasks`]) and then makes `claims`, in order (a
-    /// claim sees the new tasks and what the claims before it took), and returns the ids and
-    /// each claim's tasks. On SQLite this is one transaction, so a submission and its dispatch
-    /// cost one commit; on PostgreSQL, where claims run beside inserts on other connections,
-    /// it is [`Store::insert_tasks`] followed by [`Store::claim_tasks`] for each.
+    /// Inserts queued tasks (as [`Store::insert_tasks`]), then makes `claims` in order (a
+    /// claim sees the new tasks and what the claims before it took), hands `before_commit`
+    /// each claim's tasks and, per claim, whether it filled its limit with queued work of its
+    /// org left over, and returns the new ids.
+    ///
+    /// On SQLite this is one transaction, so a submission and its dispatch cost one commit,
+    /// and `before_commit` runs inside it, before the commit: what it sends leaves while the
+    /// commit is written. If the commit then fails, nothing is stored and the error is
+    /// returned after `before_commit` ran. On PostgreSQL, where claims run beside inserts on
+    /// other connections, it is [`Store::insert_tasks`] followed by [`Store::claim_tasks`]
+    /// for each, and `before_commit` runs once they are committed.
     ///
     /// Claims for instance agents are not taken here (they lock the instance's row): use
     /// [`Store::claim_tasks`].
     ///
     /// # Errors
     /// Database failure, or a spec that does not serialise. On SQLite nothing is stored
-    /// then; on PostgreSQL the tasks may be stored with some claims not made.
+    /// then; on PostgreSQL the tasks may be stored with some claims not made (and
+    /// `before_commit` not called).
     pub async fn insert_tasks_and_claim(
         &self,
         tasks: &[NewTask],
         claims: &[ClaimRequest<'_>],
-    ) -> Result<InsertedAndClaimed> {
+        before_commit: impl FnOnce(Vec<Vec<ClaimedTask>>, Vec<bool>) + Send,
+    ) -> Result<Vec<String>> {
         if claims.iter().any(|c| c.instance) {
             return Err(corrupt(
                 "claims",
@@ -442,9 +437,8 @@ impl Store {
                 .collect();
             let mut w = self.w().await?;
             if let Some(raw) = w.raw() {
-                let (claimed, more) =
-                    crate::hot::insert_and_claim(raw, &rows, now, claims, &payloads)?;
-                return Ok(InsertedAndClaimed { ids, claimed, more });
+                crate::hot::insert_and_claim(raw, &rows, now, claims, &payloads, before_commit)?;
+                return Ok(ids);
             }
         }
         let ids = self.insert_tasks(tasks).await?;
@@ -456,7 +450,8 @@ impl Store {
         for (c, got) in claims.iter().zip(&claimed) {
             more.push(got.len() as u32 >= c.limit && self.org_has_queued(c.org_id).await?);
         }
-        Ok(InsertedAndClaimed { ids, claimed, more })
+        before_commit(claimed, more);
+        Ok(ids)
     }
 
     /// Whether an org has queued tasks (read on the queue's partial index).

@@ -1862,11 +1862,15 @@ async fn insert_and_claim_take_older_work_first_and_all_or_nothing(store: Store)
         .map(|i| new_task(&org.id, shell(&["echo", &format!("n{i}")])))
         .collect();
     let claims = [a.req(&org.id, "a1", 2), a.req(&org.id, "a2", 5)];
-    let done = store.insert_tasks_and_claim(&new, &claims).await.unwrap();
-    let (ids, claimed) = (done.ids, done.claimed);
+    let mut handed = None;
+    let ids = store
+        .insert_tasks_and_claim(&new, &claims, |c, m| handed = Some((c, m)))
+        .await
+        .unwrap();
+    let (claimed, more) = handed.expect("the claims are handed over");
     assert_eq!(ids.len(), 3);
     // a1 filled its limit, but a2 took what was left: neither may want more.
-    assert_eq!(done.more, vec![false, false]);
+    assert_eq!(more, vec![false, false]);
     let got: Vec<Vec<&str>> = claimed
         .iter()
         .map(|c| c.iter().map(|t| t.id.as_str()).collect())
@@ -1891,12 +1895,14 @@ async fn insert_and_claim_take_older_work_first_and_all_or_nothing(store: Store)
         }
     }
     // No claims: a plain insert.
-    let plain = store
-        .insert_tasks_and_claim(&[new_task(&org.id, shell(&["true"]))], &[])
+    let mut handed = None;
+    let more = store
+        .insert_tasks_and_claim(&[new_task(&org.id, shell(&["true"]))], &[], |c, m| {
+            handed = Some((c, m));
+        })
         .await
         .unwrap();
-    assert!(plain.claimed.is_empty() && plain.more.is_empty());
-    let more = plain.ids;
+    assert_eq!(handed, Some((vec![], vec![])));
     let queued = store
         .list_tasks(&org.id, Some(TaskState::Queued), 10)
         .await
@@ -1909,7 +1915,17 @@ async fn insert_and_claim_take_older_work_first_and_all_or_nothing(store: Store)
     dup.id = Some(ids[0].clone());
     let batch = [new_task(&org.id, shell(&["echo", "lost"])), dup];
     let claims = [a.req(&org.id, "a3", 5)];
-    assert!(store.insert_tasks_and_claim(&batch, &claims).await.is_err());
+    let mut called = false;
+    assert!(
+        store
+            .insert_tasks_and_claim(&batch, &claims, |_, _| called = true)
+            .await
+            .is_err()
+    );
+    assert!(
+        !called,
+        "nothing is handed over from a batch that was not stored"
+    );
     let queued = store
         .list_tasks(&org.id, Some(TaskState::Queued), 10)
         .await
@@ -1924,20 +1940,26 @@ async fn insert_and_claim_take_older_work_first_and_all_or_nothing(store: Store)
     let two: Vec<NewTask> = (0..2)
         .map(|_| new_task(&org.id, shell(&["true"])))
         .collect();
-    let done = store
-        .insert_tasks_and_claim(&two, &[a.req(&org.id, "a4", 1)])
+    let mut handed = None;
+    store
+        .insert_tasks_and_claim(&two, &[a.req(&org.id, "a4", 1)], |c, m| {
+            handed = Some((c, m));
+        })
         .await
         .unwrap();
-    assert_eq!(done.claimed[0].len(), 1);
-    assert_eq!(
-        done.claimed[0][0].id, more[0],
-        "the older queued task first"
-    );
-    assert_eq!(done.more, vec![true]);
+    let (claimed, wants) = handed.expect("the claim is handed over");
+    assert_eq!(claimed[0].len(), 1);
+    assert_eq!(claimed[0][0].id, more[0], "the older queued task first");
+    assert_eq!(wants, vec![true]);
     // Instance claims go through claim_tasks.
     let mut inst = a.req(&org.id, "i1", 1);
     inst.instance = true;
-    assert!(store.insert_tasks_and_claim(&[], &[inst]).await.is_err());
+    assert!(
+        store
+            .insert_tasks_and_claim(&[], &[inst], |_, _| {})
+            .await
+            .is_err()
+    );
 }
 
 /// The metrics' count by state and the listing by state read one partial index per group of
