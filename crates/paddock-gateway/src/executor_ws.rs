@@ -416,10 +416,14 @@ where
                     Ok(None) => {}
                     Ok(Some(AgentMessage::Result(first))) => {
                         // Results already waiting behind this one are stored with it, in
-                        // one transaction; the first other frame is handled after them.
+                        // one transaction; the first other frame is handled after them. Only
+                        // tasks in flight here can have results behind it: with none, no
+                        // read is tried (it would find nothing, for one more system call).
                         let mut results = vec![first];
                         let mut next = None;
-                        while results.len() < MAX_RESULT_BATCH {
+                        while results.len() < MAX_RESULT_BATCH
+                            && handle.in_flight_count() > results.len()
+                        {
                             match stream.next().now_or_never() {
                                 Some(Some(f)) => match decode_agent(&f, max) {
                                     Ok(Some(AgentMessage::Result(r))) => results.push(r),
