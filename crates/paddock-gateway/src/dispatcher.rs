@@ -133,17 +133,19 @@ async fn round(state: &AppState, scope: Scope) -> Result<bool, paddock_store::St
     if agents.is_empty() {
         return Ok(false);
     }
-    // A full agent is marked (see `free_slots_or_mark`): its freed slot brings a round.
+    let in_scope = |org: &str| match &scope {
+        Scope::All => true,
+        Scope::Orgs(named) => named.contains(org),
+    };
+    // A full agent in scope is marked (see `free_slots_or_mark`): its freed slot brings a
+    // round.
     let mut candidates: Vec<&str> = agents
         .iter()
-        .filter(|h| !h.close.is_cancelled() && h.free_slots_or_mark() > 0)
+        .filter(|h| !h.close.is_cancelled() && in_scope(&h.org_id) && h.free_slots_or_mark() > 0)
         .map(|h| h.org_id.as_str())
         .collect();
     candidates.sort_unstable();
     candidates.dedup();
-    if let Scope::Orgs(named) = &scope {
-        candidates.retain(|o| named.contains(*o));
-    }
     if candidates.is_empty() {
         return Ok(false);
     }
@@ -224,6 +226,15 @@ pub(crate) enum Hand {
     AfterCommit,
 }
 
+/// Why [`insert_and_claim`] stored nothing.
+#[derive(Debug)]
+pub(crate) struct NotStored {
+    pub(crate) error: paddock_store::StoreError,
+    /// Dispatches had gone out before the commit failed (they were recalled): the tasks may
+    /// have started, so they must not be stored again under the same ids.
+    pub(crate) dispatched: bool,
+}
+
 /// SQLite: stores a batch of submissions and, in the same transaction, claims for this
 /// replica's agents of the batch's orgs (each for its free slots, oldest queued work first,
 /// as a round would): one commit where an insert and a round took two. Nothing is stored if
@@ -232,11 +243,12 @@ pub(crate) async fn insert_and_claim<'a>(
     state: &'a AppState,
     tasks: &[paddock_store::NewTask],
     hand: Hand,
-) -> Result<(Vec<String>, Option<Claims<'a>>), paddock_store::StoreError> {
+) -> Result<(Vec<String>, Option<Claims<'a>>), NotStored> {
     let round = state.dispatch_wake.round.lock().await;
     let orgs: BTreeSet<&str> = tasks.iter().map(|t| t.org_id.as_str()).collect();
     let mut open = Vec::new();
     let mut instance_orgs = BTreeSet::new();
+    let mut called = false;
     for handle in state.hub.snapshot() {
         if handle.close.is_cancelled() || !orgs.contains(handle.org_id.as_str()) {
             continue;
@@ -264,6 +276,7 @@ pub(crate) async fn insert_and_claim<'a>(
     let stored = state
         .store
         .insert_tasks_and_claim(tasks, &requests, |claimed, more| {
+            called = true;
             let claims = Claims {
                 _round: round,
                 lease_until: lease_until(state, now),
@@ -282,9 +295,14 @@ pub(crate) async fn insert_and_claim<'a>(
         .await;
     match stored {
         Ok(ids) => Ok((ids, later)),
-        Err(e) => {
-            recall(sent);
-            Err(e)
+        Err(error) => {
+            let dispatched = called && hand == Hand::BeforeCommit && !sent.is_empty();
+            if !sent.is_empty() {
+                recall(sent);
+                // The freed slots may take other queued work.
+                state.dispatch_wake.notify_one();
+            }
+            Err(NotStored { error, dispatched })
         }
     }
 }

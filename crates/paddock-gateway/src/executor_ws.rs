@@ -368,13 +368,11 @@ where
             () = handle.close.cancelled() => {
                 let reason = handle.close_reason.lock().ok().and_then(|r| r.clone());
                 let (code, message) = reason.unwrap_or((ErrorCode::Unavailable, "gateway shutting down".into()));
-                let _ = sink.lock().await.send(encode(&error_msg(code, message))).await;
-                let _ = sink.lock().await.send(Frame::Close).await;
+                close_with(&mut *sink.lock().await, error_msg(code, message)).await;
                 break;
             }
             () = state.shutdown.cancelled() => {
-                let _ = sink.lock().await.send(encode(&error_msg(ErrorCode::Unavailable, "gateway shutting down; reconnect"))).await;
-                let _ = sink.lock().await.send(Frame::Close).await;
+                close_with(&mut *sink.lock().await, error_msg(ErrorCode::Unavailable, "gateway shutting down; reconnect")).await;
                 break;
             }
             out = rx.recv() => {
@@ -437,10 +435,15 @@ where
                             }
                         }
                         let mut ok = true;
+                        // The socket is held from before the results free their slots until
+                        // their acks are in its buffer: a dispatch that reuses a freed slot
+                        // (written in place by a submission, or queued meanwhile) reaches the
+                        // agent after the ack that frees the slot there.
+                        let mut socket = sink.lock().await;
                         match finish_results(&state, &agent, &handle, results).await {
                             Ok(acks) => {
                                 for ack in acks {
-                                    if sink.lock().await.feed(encode(&ack)).await.is_err() {
+                                    if socket.feed(encode(&ack)).await.is_err() {
                                         ok = false;
                                         break;
                                     }
@@ -448,11 +451,11 @@ where
                                 acks_due.get_or_insert_with(|| tokio::time::Instant::now() + ACK_LINGER);
                             }
                             Err(fatal) => {
-                                let _ = sink.lock().await.send(encode(&fatal)).await;
-                                let _ = sink.lock().await.send(Frame::Close).await;
+                                close_with(&mut *socket, fatal).await;
                                 ok = false;
                             }
                         }
+                        drop(socket);
                         if !ok {
                             break;
                         }
@@ -469,16 +472,16 @@ where
                         }
                         Ok(None) => {}
                         Err(fatal) => {
-                            let _ = sink.lock().await.send(encode(&fatal)).await;
-                            let _ = sink.lock().await.send(Frame::Close).await;
+                            close_with(&mut *sink.lock().await, fatal).await;
                             break;
                         }
                     },
                     Err(e) => {
-                        reject_frame(&state, &mut *sink.lock().await, &e).await;
+                        let mut socket = sink.lock().await;
+                        reject_frame(&state, &mut *socket, &e).await;
                         bad_frames += 1;
                         if matches!(e, FrameError::TooLarge { .. }) || bad_frames >= MAX_BAD_FRAMES {
-                            let _ = sink.lock().await.send(Frame::Close).await;
+                            let _ = socket.send(Frame::Close).await;
                             break;
                         }
                     }
@@ -487,8 +490,7 @@ where
             _ = stale_check.tick() => {
                 if last_seen.elapsed() > stale {
                     tracing::warn!(agent = %agent.id, "agent silent for {:?}; disconnecting", stale);
-                    let _ = sink.lock().await.send(encode(&error_msg(ErrorCode::ProtocolViolation, "no heartbeat within GATEWAY_AGENT_STALE_MS"))).await;
-                    let _ = sink.lock().await.send(Frame::Close).await;
+                    close_with(&mut *sink.lock().await, error_msg(ErrorCode::ProtocolViolation, "no heartbeat within GATEWAY_AGENT_STALE_MS")).await;
                     break;
                 }
             }
@@ -542,6 +544,13 @@ impl<S: Sink<Frame> + Unpin + Send + 'static> DirectWrite for Direct<S> {
         }
         true
     }
+}
+
+/// Sends a last message and closes, under one hold of the socket (nothing written in place
+/// gets between them).
+async fn close_with<S: Sink<Frame> + Unpin>(sink: &mut S, last: GatewayMessage) {
+    let _ = sink.send(encode(&last)).await;
+    let _ = sink.send(Frame::Close).await;
 }
 
 async fn reject_frame<S: Sink<Frame> + Unpin>(state: &AppState, sink: &mut S, e: &FrameError) {

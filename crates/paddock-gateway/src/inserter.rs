@@ -85,9 +85,17 @@ pub(crate) async fn submit(state: &AppState, task: NewTask) -> Result<String, Ap
                     .pop()
                     .ok_or_else(|| ApiError::internal("an insert returned no id"));
             }
+            // Dispatched, then the commit failed: the task may have started, so it is not
+            // stored again under its id (a submit-and-wait chose it); the caller may retry.
+            Err(e) if e.dispatched => {
+                return Err(ApiError::internal(format_args!(
+                    "a dispatched submission could not be stored: {}",
+                    e.error
+                )));
+            }
             // Nothing stored: the writer's path stores it without the claims if it can
             // (a claim can fail where the insert would not, e.g. on an older corrupt row).
-            Err(e) => tracing::debug!("insert with claims failed: {e}"),
+            Err(e) => tracing::debug!("insert with claims failed: {}", e.error),
         }
     }
     inserter.insert(task).await
@@ -164,8 +172,13 @@ async fn write(state: &AppState, batch: Vec<Pending>) {
                 bus::publish_ready_dispatched(state, orgs.into_iter().collect()).await;
                 return;
             }
-            // Nothing stored: the general path below finds which tasks fail.
-            Err(e) => tracing::debug!(tasks = tasks.len(), "insert with claims failed: {e}"),
+            // Nothing stored (nothing was dispatched: the claims are delivered after the
+            // commit here): the general path below finds which tasks fail.
+            Err(e) => tracing::debug!(
+                tasks = tasks.len(),
+                "insert with claims failed: {}",
+                e.error
+            ),
         }
     }
     let results: Vec<Result<String, String>> = match state.store.insert_tasks(&tasks).await {

@@ -28,10 +28,17 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, app: Router, stop: 
         let (tcp, _peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
+                // The peer gave up before we took it: nothing wrong here.
+                Err(e) if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionRefused
+                ) => continue,
                 Err(e) => {
-                    // Out of descriptors and the like: the next accept may work.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    // Out of descriptors and the like: pause, as axum::serve does, and retry.
+                    tracing::error!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                     continue;
                 }
             },
@@ -63,13 +70,16 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, app: Router, stop: 
             }
         }));
     }
+    // New connections are refused at once while the open ones finish.
+    drop(listener);
     connections.close();
     connections.wait().await;
 }
 
 /// Most polls of the inner future in one turn of [`PollAgain`], after which a future that
-/// keeps waking itself is left to the runtime's scheduling like any other.
-const MAX_POLLS_PER_TURN: usize = 8;
+/// keeps waking itself is left to the runtime's scheduling like any other (a request with a
+/// body takes two or three).
+const MAX_POLLS_PER_TURN: usize = 4;
 
 /// Polls a future again at once when it woke its own task while being polled, instead of
 /// leaving that wake-up to the runtime.
@@ -161,8 +171,13 @@ impl<F: Future<Output = ()>> Future for PollAgain<F> {
             if !this.flag.woken.load(Ordering::SeqCst) {
                 return Poll::Pending;
             }
+            // Woken because the task's budget ran out (tokio's cooperative scheduling): that
+            // wake-up is the runtime's to schedule.
+            if !tokio::task::coop::has_budget_remaining() {
+                break;
+            }
         }
-        // Woke itself on every poll: take a turn in the queue like any task.
+        // Woke itself on every poll, or out of budget: take a turn in the queue like any task.
         cx.waker().wake_by_ref();
         Poll::Pending
     }

@@ -1108,6 +1108,39 @@ async fn submissions_claim_at_once_and_wait_for_a_full_agents_freed_slot() {
     assert!(!handle.wants_more(), "nothing is queued for it");
 }
 
+/// A result's ack reaches the agent before the dispatch that reuses the slot it frees (a
+/// one-slot agent refuses a dispatch that comes before the ack), with the next submission
+/// sent right behind each result and its dispatch written to the socket in place. (The
+/// narrow window this guards in the session, a submission claiming between a result freeing
+/// its slot and its ack being buffered, is not reproduced here: the session holds the socket
+/// across it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ack_of_a_freed_slot_comes_before_the_dispatch_that_reuses_it() {
+    let h = harness_with_tick(Duration::from_secs(3600)).await;
+    let mut c = h.connect();
+    c.hello(1, vec![]).await;
+    c.sync().await;
+    let first = h.submit(&echo_spec("s0")).await;
+    let mut d = c.expect_dispatch().await;
+    assert_eq!(d.task_id, first);
+    for i in 1..=20 {
+        c.send(&AgentMessage::Result(result(
+            &d.task_id,
+            d.attempt,
+            ResultStatus::Succeeded,
+            "",
+        )));
+        let next = h.submit(&echo_spec(&format!("s{i}"))).await;
+        match c.recv_skip_heartbeats().await {
+            GatewayMessage::ResultAck(a) => assert_eq!(a.task_id, d.task_id),
+            other => panic!("expected the ack of {} first, got {other:?}", d.task_id),
+        }
+        let n = c.expect_dispatch().await;
+        assert_eq!(n.task_id, next);
+        d = n;
+    }
+}
+
 /// A `result_ack` may wait in the write buffer for company (the next dispatch), but it is
 /// always flushed: alone after a short linger, or ahead of any frame sent after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
