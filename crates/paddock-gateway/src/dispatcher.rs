@@ -248,7 +248,6 @@ pub(crate) async fn insert_and_claim<'a>(
     let orgs: BTreeSet<&str> = tasks.iter().map(|t| t.org_id.as_str()).collect();
     let mut open = Vec::new();
     let mut instance_orgs = BTreeSet::new();
-    let mut called = false;
     for handle in state.hub.snapshot() {
         if handle.close.is_cancelled() || !orgs.contains(handle.org_id.as_str()) {
             continue;
@@ -276,7 +275,6 @@ pub(crate) async fn insert_and_claim<'a>(
     let stored = state
         .store
         .insert_tasks_and_claim(tasks, &requests, |claimed, more| {
-            called = true;
             let claims = Claims {
                 _round: round,
                 lease_until: lease_until(state, now),
@@ -296,8 +294,9 @@ pub(crate) async fn insert_and_claim<'a>(
     match stored {
         Ok(ids) => Ok((ids, later)),
         Err(error) => {
-            let dispatched = called && hand == Hand::BeforeCommit && !sent.is_empty();
-            if !sent.is_empty() {
+            // Only `Hand::BeforeCommit` sends anything before the commit.
+            let dispatched = !sent.is_empty();
+            if dispatched {
                 recall(sent);
                 // The freed slots may take other queued work.
                 state.dispatch_wake.notify_one();
@@ -319,14 +318,13 @@ pub(crate) fn deliver(state: &AppState, claims: Claims<'_>) -> Vec<Sent> {
         // Before the dispatch leaves: its result must read the new mark.
         handle.set_wants_more(wants_more);
         more |= wants_more;
-        let ids: Vec<(String, u32)> = claimed.iter().map(|c| (c.id.clone(), c.attempt)).collect();
-        let failed = send_claimed(state, &handle, claimed, claims.lease_until);
+        let out = send_claimed(state, &handle, claimed, claims.lease_until);
         sent.extend(
-            ids.into_iter()
-                .filter(|id| !failed.contains(id))
+            out.sent
+                .into_iter()
                 .map(|(id, attempt)| (handle.clone(), id, attempt)),
         );
-        unsent.extend(failed);
+        unsent.extend(out.unsent);
     }
     drop(claims._round);
     if !unsent.is_empty() {
@@ -391,21 +389,32 @@ async fn claim_for(
         )
         .await;
     }
-    let unsent = send_claimed(state, handle, claimed, lease_until);
+    let unsent = send_claimed(state, handle, claimed, lease_until).unsent;
     release(state, &unsent).await?;
     Ok(n)
 }
 
-/// Sends claimed tasks to their agent. Returns the claims whose session ended between the
-/// snapshot and now, to release with [`release`] (this does not wait, so a caller that is
-/// dropped after it cannot leave a claim neither sent nor returned).
+/// What [`send_claimed`] did with each claim (task id, attempt).
+struct Outcome {
+    sent: Vec<(String, u32)>,
+    /// Claims whose session ended between the snapshot and now, to release with
+    /// [`release`].
+    unsent: Vec<(String, u32)>,
+}
+
+/// Sends claimed tasks to their agent. The claims it could not send are returned for
+/// [`release`] (this does not wait, so a caller that is dropped after it cannot leave a claim
+/// neither sent nor returned).
 fn send_claimed(
     state: &AppState,
     handle: &AgentHandle,
     claimed: Vec<ClaimedTask>,
     lease_until: i64,
-) -> Vec<(String, u32)> {
-    let mut unsent = Vec::new();
+) -> Outcome {
+    let mut out = Outcome {
+        sent: Vec::with_capacity(claimed.len()),
+        unsent: Vec::new(),
+    };
     for task in claimed {
         handle.add_in_flight(&task.id, task.attempt);
         let (id, attempt, created_at) = (task.id, task.attempt, task.created_at);
@@ -417,7 +426,7 @@ fn send_claimed(
         }));
         if handle.send(msg).is_err() {
             handle.remove_in_flight(&id);
-            unsent.push((id, attempt));
+            out.unsent.push((id, attempt));
             continue;
         }
         state
@@ -427,8 +436,9 @@ fn send_claimed(
         state.metrics.dispatched.inc();
         tracing::debug!(task = %id, attempt, agent = %handle.agent_id, "dispatched");
         state.waiters.notify(&id);
+        out.sent.push((id, attempt));
     }
-    unsent
+    out
 }
 
 /// Puts claims whose session ended back in the queue without using their attempt (their

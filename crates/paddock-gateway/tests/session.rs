@@ -1065,16 +1065,22 @@ async fn freed_slots_get_waiting_work_without_the_sweep() {
     assert_eq!(d5.task_id, t5);
 }
 
+/// A connected agent with one slot, and no periodic sweep (only wake-ups dispatch).
+async fn one_slot_agent_without_sweep() -> (Harness, Conn) {
+    let h = harness_with_tick(Duration::from_secs(3600)).await;
+    let mut c = h.connect();
+    c.hello(1, vec![]).await;
+    c.sync().await;
+    (h, c)
+}
+
 /// A submission claims for a free agent in its own transaction, and marks the agent as
 /// wanting more only if queued work is left; work submitted while the agent is full is
 /// dispatched when its slot frees, with no sweep: the submission marks the full agent, and
 /// the result wakes the dispatcher.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submissions_claim_at_once_and_wait_for_a_full_agents_freed_slot() {
-    let h = harness_with_tick(Duration::from_secs(3600)).await;
-    let mut c = h.connect();
-    c.hello(1, vec![]).await;
-    c.sync().await;
+    let (h, mut c) = one_slot_agent_without_sweep().await;
     let handle = h.state.hub.get(&h.agent.id).unwrap();
     let t1 = h.submit(&echo_spec("s1")).await;
     let d1 = c.expect_dispatch().await;
@@ -1116,10 +1122,7 @@ async fn submissions_claim_at_once_and_wait_for_a_full_agents_freed_slot() {
 /// across it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ack_of_a_freed_slot_comes_before_the_dispatch_that_reuses_it() {
-    let h = harness_with_tick(Duration::from_secs(3600)).await;
-    let mut c = h.connect();
-    c.hello(1, vec![]).await;
-    c.sync().await;
+    let (h, mut c) = one_slot_agent_without_sweep().await;
     let first = h.submit(&echo_spec("s0")).await;
     let mut d = c.expect_dispatch().await;
     assert_eq!(d.task_id, first);
