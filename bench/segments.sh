@@ -10,8 +10,9 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/paddock-target}
 cargo build --release -q -p paddock --bin paddock --bench dispatch
 bench=$(ls -t "$CARGO_TARGET_DIR"/release/deps/dispatch-* | grep -v '\.d$' | head -n1)
 scratch=$(mktemp -d /var/tmp/paddock-segments.XXXXXX)
-trap 'kill "$bpid" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$scratch"' EXIT
-PADDOCK_BENCH_DIR="$scratch" "$bench" --db sqlite --roundtrips 200000 --only rt \
+# The bench runs in a process group of its own, so that its gateway and agent go with it.
+trap 'kill -- -"$bpid" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$scratch"' EXIT
+PADDOCK_BENCH_DIR="$scratch" setsid "$bench" --db sqlite --roundtrips 200000 --only rt \
   >"$scratch/bench.log" 2>&1 &
 bpid=$!
 # Wait for the agent to be paired and the round trips to be under way.

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
 use paddock_proto::{Dispatch, GatewayMessage, now_ms};
-use paddock_store::{ClaimRequest, ClaimedTask};
+use paddock_store::{ClaimRequest, ClaimedTask, Handed};
 
 use crate::AppState;
 use crate::hub::AgentHandle;
@@ -49,6 +49,18 @@ enum Scope {
     Orgs(BTreeSet<String>),
 }
 
+impl Scope {
+    fn union(self, other: Scope) -> Scope {
+        match (self, other) {
+            (Scope::Orgs(mut a), Scope::Orgs(b)) => {
+                a.extend(b);
+                Scope::Orgs(a)
+            }
+            _ => Scope::All,
+        }
+    }
+}
+
 impl Wake {
     fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.pending
@@ -71,6 +83,13 @@ impl Wake {
             }
         }
         self.notify.notify_one();
+    }
+
+    /// Whether a wake-up about `org` (or about every org) waits for a round. Read under the
+    /// round lock: a round takes the pending wake-ups under it too.
+    fn has_pending(&self, org: &str) -> bool {
+        let p = self.lock();
+        p.all || p.orgs.contains(org)
     }
 
     fn take(&self) -> Scope {
@@ -99,11 +118,12 @@ pub(crate) async fn run(state: AppState) {
         if state.shutdown.is_cancelled() {
             return;
         }
+        // The round takes the pending wake-ups itself, under its lock.
         scope = if more {
             Scope::All
         } else {
             tokio::select! {
-                () = state.dispatch_wake.notify.notified() => state.dispatch_wake.take(),
+                () = state.dispatch_wake.notify.notified() => Scope::Orgs(BTreeSet::new()),
                 () = tokio::time::sleep(state.cfg.tick) => Scope::All,
                 () = state.shutdown.cancelled() => return,
             }
@@ -125,10 +145,13 @@ pub(crate) async fn dispatch_now(state: &AppState, orgs: BTreeSet<String>) {
     }
 }
 
-/// One pass over the connected agents of the orgs in scope. Returns whether some agent
-/// filled its batch (so there may be more to claim right away).
+/// One pass over the connected agents of the orgs in scope and of the pending wake-ups
+/// (taken under the round lock, so a submission that sees none pending knows every earlier
+/// wake-up's round is over). Returns whether some agent filled its batch (so there may be
+/// more to claim right away).
 async fn round(state: &AppState, scope: Scope) -> Result<bool, paddock_store::StoreError> {
     let _round = state.dispatch_wake.round.lock().await;
+    let scope = scope.union(state.dispatch_wake.take());
     let agents = state.hub.snapshot();
     if agents.is_empty() {
         return Ok(false);
@@ -239,6 +262,11 @@ pub(crate) struct NotStored {
 /// replica's agents of the batch's orgs (each for its free slots, oldest queued work first,
 /// as a round would): one commit where an insert and a round took two. Nothing is stored if
 /// it fails. With [`Hand::AfterCommit`] the claims are returned, for [`deliver`].
+///
+/// With [`Hand::BeforeCommit`], when every task (each with its id) has a free agent and no
+/// queued work can be ahead of it ([`pick_free_agents`]), there is no claim: the tasks are
+/// sent first and then stored as dispatched ([`hand_directly`]), so the insert's statements
+/// run while the agents work instead of before the dispatch.
 pub(crate) async fn insert_and_claim<'a>(
     state: &'a AppState,
     tasks: &[paddock_store::NewTask],
@@ -265,6 +293,11 @@ pub(crate) async fn insert_and_claim<'a>(
         open.push((handle, free, tags));
     }
     let now = now_ms();
+    if hand == Hand::BeforeCommit
+        && let Some(picks) = pick_free_agents(state, tasks, &open, now)
+    {
+        return hand_directly(state, round, tasks, &open, &picks, now).await;
+    }
     let requests: Vec<ClaimRequest<'_>> = open
         .iter()
         .map(|(h, free, tags)| request(state, h, tags, *free, now))
@@ -293,17 +326,111 @@ pub(crate) async fn insert_and_claim<'a>(
         .await;
     match stored {
         Ok(ids) => Ok((ids, later)),
-        Err(error) => {
-            // Only `Hand::BeforeCommit` sends anything before the commit.
-            let dispatched = !sent.is_empty();
-            if dispatched {
-                recall(sent);
-                // The freed slots may take other queued work.
-                state.dispatch_wake.notify_one();
-            }
-            Err(NotStored { error, dispatched })
-        }
+        // Only `Hand::BeforeCommit` sends anything before the commit.
+        Err(error) => Err(not_stored(state, error, sent)),
     }
+}
+
+/// The agents open for new work of a submission: each with its free slots and its tags.
+type Open = [(Arc<AgentHandle>, u32, Vec<String>)];
+
+/// For a submission on SQLite, the agent each task can be handed to at once, without a
+/// claim (an index into `open`): the first with a free slot that may take it, in the order a
+/// round would try them, as long as no queued work of the task's org can be waiting for that
+/// slot: the agent is not marked as wanting more (its last claim left no queued work of its
+/// org behind, and it has not been passed over while full) and no wake-up of the dispatcher
+/// about the org is pending (re-queued work, a freed slot, a new connection). `None` when a
+/// task has no such agent or has no id yet, or an org cap is set: claims decide then.
+fn pick_free_agents(
+    state: &AppState,
+    tasks: &[paddock_store::NewTask],
+    open: &Open,
+    now: i64,
+) -> Option<Vec<usize>> {
+    if state.cfg.org_max_inflight.is_some() {
+        return None;
+    }
+    let mut free: Vec<u32> = open
+        .iter()
+        .map(|(h, free, _)| if h.wants_more() { 0 } else { *free })
+        .collect();
+    let mut picks = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        if task.id.is_none() || state.dispatch_wake.has_pending(&task.org_id) {
+            return None;
+        }
+        let i = open.iter().enumerate().position(|(i, (h, _, tags))| {
+            free[i] > 0 && request(state, h, tags, 1, now).would_take(task)
+        })?;
+        free[i] -= 1;
+        picks.push(i);
+    }
+    Some(picks)
+}
+
+/// Sends each task to its picked agent ([`pick_free_agents`]), then stores the tasks as
+/// dispatched ([`paddock_store::Store::insert_dispatched`]: the sends go out holding the
+/// writer, so the agents' results wait for the commit). A task whose agent's session ended
+/// meanwhile is stored queued, for the dispatcher. On failure, as [`insert_and_claim`].
+async fn hand_directly<'a>(
+    state: &'a AppState,
+    round: tokio::sync::MutexGuard<'a, ()>,
+    tasks: &[paddock_store::NewTask],
+    open: &Open,
+    picks: &[usize],
+    now: i64,
+) -> Result<(Vec<String>, Option<Claims<'a>>), NotStored> {
+    let lease_until = lease_until(state, now);
+    let mut sent = Vec::with_capacity(tasks.len());
+    let mut left_queued = BTreeSet::new();
+    let stored = state
+        .store
+        .insert_dispatched(tasks, || {
+            let mut handed = Vec::with_capacity(tasks.len());
+            for (task, &i) in tasks.iter().zip(picks) {
+                let handle = &open[i].0;
+                let claimed = ClaimedTask {
+                    id: task.id.clone().unwrap_or_default(),
+                    attempt: 1,
+                    spec: task.spec.clone(),
+                    created_at: now,
+                };
+                let out = send_claimed(state, handle, vec![claimed], lease_until);
+                if out.sent.is_empty() {
+                    left_queued.insert(task.org_id.as_str());
+                    handed.push(None);
+                    continue;
+                }
+                handed.push(Some(Handed {
+                    agent_id: handle.agent_id.clone(),
+                    lease_until,
+                }));
+                sent.extend(out.sent.into_iter().map(|(id, a)| (handle.clone(), id, a)));
+            }
+            drop(round);
+            handed
+        })
+        .await;
+    match stored {
+        Ok(ids) => {
+            for org in left_queued {
+                state.dispatch_wake.org(org);
+            }
+            Ok((ids, None))
+        }
+        Err(error) => Err(not_stored(state, error, sent)),
+    }
+}
+
+/// A batch whose commit failed: its dispatches already sent are recalled.
+fn not_stored(state: &AppState, error: paddock_store::StoreError, sent: Vec<Sent>) -> NotStored {
+    let dispatched = !sent.is_empty();
+    if dispatched {
+        recall(sent);
+        // The freed slots may take other queued work.
+        state.dispatch_wake.notify_one();
+    }
+    NotStored { error, dispatched }
 }
 
 /// Hands the claims of [`insert_and_claim`] to their agents; wakes the dispatcher if an

@@ -62,8 +62,10 @@ pub(crate) fn channel() -> (Inserter, Receiver) {
 ///
 /// # Errors
 /// As [`Inserter::insert`].
-pub(crate) async fn submit(state: &AppState, task: NewTask) -> Result<String, ApiError> {
+pub(crate) async fn submit(state: &AppState, mut task: NewTask) -> Result<String, ApiError> {
     let inserter = &state.inserter;
+    // Named now: a dispatch may name it before its row is written.
+    task.id.get_or_insert_with(paddock_store::new_task_id);
     if state.store.dialect() == paddock_store::Dialect::Sqlite
         && !state.shutdown.is_cancelled()
         && inserter.tx.capacity() == inserter.tx.max_capacity()

@@ -1114,6 +1114,65 @@ async fn submissions_claim_at_once_and_wait_for_a_full_agents_freed_slot() {
     assert!(!handle.wants_more(), "nothing is queued for it");
 }
 
+/// A submission for a free agent is sent before its row is written, then stored as
+/// dispatched (its `dispatched` event with it) and finished by its result; but never ahead of
+/// queued work the agent may take: with the agent marked as wanting more (a claim left work
+/// of its org queued), the submission claims, oldest first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_goes_straight_to_a_free_agent_but_not_past_queued_work() {
+    let h = harness_with_tick(Duration::from_secs(3600)).await;
+    let mut c = h.connect();
+    c.hello(2, vec![]).await;
+    c.sync().await;
+    let handle = h.state.hub.get(&h.agent.id).unwrap();
+    let t1 = h.submit(&echo_spec("direct")).await;
+    let d1 = c.expect_dispatch().await;
+    assert_eq!((d1.task_id.as_str(), d1.attempt), (t1.as_str(), 1));
+    let row = h.task(&h.org.id, &t1).await;
+    assert_eq!(row.state, TaskState::Dispatched);
+    assert_eq!(row.agent_id.as_deref(), Some(h.agent.id.as_str()));
+    let events = h.state.store.list_events(&t1).await.unwrap();
+    assert_eq!(
+        events.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+        vec!["dispatched"]
+    );
+    c.send(&AgentMessage::Result(result(
+        &t1,
+        1,
+        ResultStatus::Succeeded,
+        "",
+    )));
+    match c.recv_skip_heartbeats().await {
+        GatewayMessage::ResultAck(a) => assert!(a.stored, "{a:?}"),
+        other => panic!("expected the ack, got {other:?}"),
+    }
+    assert_eq!(h.task(&h.org.id, &t1).await.state, TaskState::Succeeded);
+    // Work queued behind the dispatcher's back (as a re-queue would leave it), and the agent
+    // marked as a claim that left it would mark it.
+    let older = h
+        .state
+        .store
+        .insert_task(&NewTask {
+            id: None,
+            org_id: h.org.id.clone(),
+            spec: echo_spec("older"),
+            max_attempts: 1,
+            queue_deadline_at: now_ms() + 60_000,
+        })
+        .await
+        .unwrap();
+    handle.set_wants_more(true);
+    let newer = h.submit(&echo_spec("newer")).await;
+    let first = c.expect_dispatch().await;
+    let second = c.expect_dispatch().await;
+    assert_eq!(
+        (first.task_id.as_str(), second.task_id.as_str()),
+        (older.as_str(), newer.as_str()),
+        "the queued task goes first"
+    );
+    assert!(!handle.wants_more(), "nothing is left queued");
+}
+
 /// A result's ack reaches the agent before the dispatch that reuses the slot it frees (a
 /// one-slot agent refuses a dispatch that comes before the ack), with the next submission
 /// sent right behind each result and its dispatch written to the socket in place. (The

@@ -12,13 +12,18 @@ use rusqlite::{Connection, params};
 use paddock_proto::TaskResult;
 
 use crate::tasks::{
-    ClaimRequest, ClaimedTask, InsertRow, TaskRow, claim_sql, claim_values, claimed_from_row,
-    complete_sql, inflight_sql, result_columns, task_from_row,
+    ClaimRequest, ClaimedTask, Handed, InsertRow, TaskRow, claim_sql, claim_values,
+    claimed_from_row, complete_sql, dispatched_payload, inflight_sql, result_columns,
+    task_from_row,
 };
 use crate::{Dialect, Result};
 
 const INSERT_SQL: &str = "INSERT INTO tasks (id, org_id, kind, required_tag, backend, spec, state, attempt, max_attempts, queue_deadline_at, created_at, updated_at) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', 0, ?7, ?8, ?9, ?9)";
+
+/// A new task stored already dispatched to an agent (attempt 1), as a claim would leave it.
+const INSERT_DISPATCHED_SQL: &str = "INSERT INTO tasks (id, org_id, kind, required_tag, backend, spec, state, attempt, max_attempts, agent_id, lease_expires_at, queue_deadline_at, created_at, updated_at, dispatched_at) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'dispatched', 1, ?7, ?8, ?9, ?10, ?11, ?11, ?11)";
 
 const EVENT_SQL: &str = "INSERT INTO task_events (id, task_id, attempt, name, payload, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 
@@ -97,6 +102,46 @@ pub(crate) fn insert_and_claim(
         more.push(got.len() as u32 >= req.limit && org_has_queued(tx.conn, req.org_id)?);
     }
     before_commit(claimed, more);
+    tx.commit()
+}
+
+/// Inserts new tasks in one transaction: `handed[i]` `Some`: task `i` dispatched to that
+/// agent, with its `dispatched` event (see [`crate::Store::insert_dispatched`]); `None` (or
+/// missing): queued.
+pub(crate) fn insert_dispatched(
+    conn: &mut Connection,
+    rows: &[InsertRow<'_>],
+    handed: &[Option<Handed>],
+    now: i64,
+) -> Result<()> {
+    let tx = Tx::begin(conn)?;
+    for (i, r) in rows.iter().enumerate() {
+        let Some(h) = handed.get(i).and_then(Option::as_ref) else {
+            insert_rows(tx.conn, std::slice::from_ref(r), now)?;
+            continue;
+        };
+        tx.prepare_cached(INSERT_DISPATCHED_SQL)?.execute(params![
+            r.id,
+            r.task.org_id,
+            r.task.spec.kind,
+            r.required_tag,
+            r.task.spec.sandbox.backend,
+            r.spec,
+            i64::from(r.task.max_attempts.max(1)),
+            h.agent_id,
+            h.lease_until,
+            r.task.queue_deadline_at,
+            now,
+        ])?;
+        tx.prepare_cached(EVENT_SQL)?.execute(params![
+            uuid::Uuid::now_v7().to_string(),
+            r.id,
+            1_i64,
+            "dispatched",
+            dispatched_payload(&h.agent_id),
+            now,
+        ])?;
+    }
     tx.commit()
 }
 

@@ -31,8 +31,8 @@ pub use instances::{
 };
 pub use orgs::{ApiPrincipal, Org, Role};
 pub use tasks::{
-    ClaimRequest, ClaimedTask, EventRow, INSERT_CHUNK, NewTask, OutputRow, ReapedTask, StateCount,
-    TaskRow, TaskState, new_task_id,
+    ClaimRequest, ClaimedTask, EventRow, Handed, INSERT_CHUNK, NewTask, OutputRow, ReapedTask,
+    StateCount, TaskRow, TaskState, new_task_id,
 };
 
 /// Which database is behind the pool.
@@ -59,6 +59,9 @@ pub enum StoreError {
     /// The store could not start a thread or make its scratch directory.
     #[error("store i/o error: {0}")]
     Io(String),
+    /// A call the store does not support (on this database, or with these arguments).
+    #[error("unsupported: {0}")]
+    Unsupported(&'static str),
     /// Stored JSON could not be decoded (corrupt row).
     #[error("corrupt stored value in {what}: {detail}")]
     Corrupt {

@@ -183,6 +183,15 @@ pub struct ClaimedTask {
     pub created_at: i64,
 }
 
+/// The agent a new task was sent to before it was stored ([`Store::insert_dispatched`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handed {
+    /// The agent.
+    pub agent_id: String,
+    /// Lease deadline of the attempt (ms since epoch).
+    pub lease_until: i64,
+}
+
 /// Count of tasks in a state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateCount {
@@ -451,6 +460,44 @@ impl Store {
             more.push(got.len() as u32 >= c.limit && self.org_has_queued(c.org_id).await?);
         }
         before_commit(claimed, more);
+        Ok(ids)
+    }
+
+    /// SQLite: stores new tasks that the caller hands to agents itself, without a claim.
+    ///
+    /// `hand` runs first, holding the writer, sends the tasks it can and says, for each task
+    /// in order, which agent it went to ([`Handed`]) or `None`. Then one transaction
+    /// inserts each task as it was left: `dispatched` to its agent (attempt 1, leased until
+    /// [`Handed::lease_until`], with its `dispatched` event) or `queued`. The sends leave
+    /// before any SQL runs, and no write can come between them and the commit, so a result
+    /// for one of these tasks is stored only once its row exists (it waits for the writer).
+    ///
+    /// Each task must carry its id ([`NewTask::id`]): the dispatch names it before its row
+    /// exists.
+    ///
+    /// # Errors
+    /// [`StoreError::Unsupported`] on PostgreSQL (a result stored on another connection could
+    /// come before the row), a task without an id (`hand` is not called then), database
+    /// failure. Nothing is stored on error; `hand` has run unless the error came before it.
+    pub async fn insert_dispatched(
+        &self,
+        tasks: &[NewTask],
+        hand: impl FnOnce() -> Vec<Option<Handed>> + Send,
+    ) -> Result<Vec<String>> {
+        if tasks.iter().any(|t| t.id.is_none()) {
+            return Err(StoreError::Unsupported(
+                "a task dispatched before it is stored, without its id",
+            ));
+        }
+        let (ids, rows) = insert_rows(tasks)?;
+        let mut w = self.w().await?;
+        let Some(raw) = w.raw() else {
+            return Err(StoreError::Unsupported(
+                "tasks dispatched before they are stored, on PostgreSQL",
+            ));
+        };
+        let handed = hand();
+        crate::hot::insert_dispatched(raw, &rows, &handed, paddock_proto::now_ms())?;
         Ok(ids)
     }
 
@@ -1180,11 +1227,7 @@ fn insert_rows(tasks: &[NewTask]) -> Result<(Vec<String>, Vec<InsertRow<'_>>)> {
     let mut rows = Vec::with_capacity(tasks.len());
     for task in tasks {
         let id = task.id.clone().unwrap_or_else(new_task_id);
-        let required_tag = task
-            .spec
-            .selector
-            .as_ref()
-            .and_then(|s| s.required_tag().ok().flatten());
+        let required_tag = required_tag(task);
         let spec = serde_json::to_string(&task.spec).map_err(|e| corrupt("tasks.spec", e))?;
         rows.push(InsertRow {
             id: id.clone(),
@@ -1195,6 +1238,14 @@ fn insert_rows(tasks: &[NewTask]) -> Result<(Vec<String>, Vec<InsertRow<'_>>)> {
         ids.push(id);
     }
     Ok((ids, rows))
+}
+
+/// The control-plane tag a task requires (stored in `tasks.required_tag`).
+fn required_tag(task: &NewTask) -> Option<String> {
+    task.spec
+        .selector
+        .as_ref()
+        .and_then(|s| s.required_tag().ok().flatten())
 }
 
 /// The payload of a `dispatched` event.
@@ -1350,6 +1401,31 @@ pub(crate) fn claim_sql(dialect: Dialect, req: &ClaimRequest<'_>) -> Option<Stri
              WHERE {outer_state} = 'queued' AND id IN (SELECT id FROM picked) \
              RETURNING id, attempt, spec, created_at"
     ))
+}
+
+impl ClaimRequest<'_> {
+    /// Whether this claim would take `task` if it were queued: the conditions of
+    /// [`claim_sql`]'s pick, in memory (keep the two in step), for a new task (not
+    /// cancelled). The org's in-flight cap is not looked at. An instance's claim depends on
+    /// its instance's row as well: this says no for it.
+    pub fn would_take(&self, task: &NewTask) -> bool {
+        let tag_ok = match required_tag(task) {
+            None => true,
+            Some(t) => self.tags.contains(&t),
+        };
+        let backend_ok = task
+            .spec
+            .sandbox
+            .backend
+            .as_ref()
+            .is_none_or(|b| self.backends.contains(b));
+        !self.instance
+            && task.org_id == self.org_id
+            && task.queue_deadline_at > self.now
+            && self.kinds.contains(&task.spec.kind)
+            && tag_ok
+            && backend_ok
+    }
 }
 
 /// The values the claim statement binds from $6 on: kinds, tags, backends.

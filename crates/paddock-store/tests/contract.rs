@@ -5,7 +5,9 @@
 use paddock_proto::{
     Capabilities, ErrorCode, ResultStatus, Selector, ShellTask, TaskResult, TaskSpec,
 };
-use paddock_store::{ClaimRequest, NewTask, PairingError, Role, Store, TaskState};
+use paddock_store::{
+    ClaimRequest, Handed, NewTask, PairingError, Role, Store, StoreError, TaskState,
+};
 
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
@@ -54,6 +56,8 @@ contract!(
     claims_record_their_dispatched_events,
     insert_and_claim_take_older_work_first_and_all_or_nothing,
     counts_by_state_cover_every_state,
+    the_in_memory_pick_agrees_with_the_claim,
+    tasks_dispatched_before_they_are_stored,
 );
 
 fn shell(argv: &[&str]) -> TaskSpec {
@@ -2079,4 +2083,239 @@ async fn sqlite_events_survive_their_table_being_rebuilt() {
         .await
         .unwrap();
     assert_eq!(store.list_events("t1").await.unwrap().len(), 3);
+}
+
+/// `ClaimRequest::would_take` (the gateway's pick of a free agent for a new task, in
+/// memory) says yes exactly when the claim's SQL takes the task: every pair of task and
+/// agent below, each in an org of its own, plus a task of another org and one past its queue
+/// deadline.
+async fn the_in_memory_pick_agrees_with_the_claim(store: Store) {
+    let selected = |tag: Option<&str>, group: Option<&str>| {
+        let mut t = shell(&["true"]);
+        t.selector = Some(Selector {
+            tag: tag.map(Into::into),
+            group: group.map(Into::into),
+            instance: None,
+        });
+        t
+    };
+    let mut docker = shell(&["true"]);
+    docker.sandbox.backend = Some("docker".into());
+    let mut noop = shell(&["true"]);
+    noop.kind = "agent.noop".into();
+    let mut gpu_docker = selected(Some("gpu"), None);
+    gpu_docker.sandbox.backend = Some("docker".into());
+    let tasks = [
+        ("plain", shell(&["true"])),
+        ("tag gpu", selected(Some("gpu"), None)),
+        ("group beta", selected(None, Some("beta"))),
+        ("docker", docker),
+        ("noop kind", noop),
+        ("gpu on docker", gpu_docker),
+    ];
+    let view = |tags: &[&str], kinds: &[&str], backends: &[&str]| AgentView {
+        tags: strings(tags),
+        kinds: strings(kinds),
+        backends: strings(backends),
+    };
+    let agents = [
+        ("plain", AgentView::plain()),
+        ("gpu", view(&["gpu"], &["agent.execute"], &["host"])),
+        ("beta", view(&["group:beta"], &["agent.execute"], &["host"])),
+        (
+            "gpu+docker",
+            view(&["gpu", "x"], &["agent.execute"], &["host", "docker"]),
+        ),
+        ("no backends", view(&[], &["agent.execute"], &[])),
+        ("no kinds", view(&[], &[], &["host"])),
+        (
+            "noop too",
+            view(&[], &["agent.noop", "agent.execute"], &["host"]),
+        ),
+    ];
+    let mut yes = 0;
+    for (i, (tname, spec)) in tasks.iter().enumerate() {
+        for (j, (aname, agent)) in agents.iter().enumerate() {
+            let org = store.create_org(&format!("o{i}-{j}")).await.unwrap();
+            let task = new_task(&org.id, spec.clone());
+            store.insert_task(&task).await.unwrap();
+            let req = agent.req(&org.id, "a1", 1);
+            let took = store.claim_tasks(&req).await.unwrap().len() == 1;
+            assert_eq!(req.would_take(&task), took, "task {tname}, agent {aname}");
+            yes += usize::from(took);
+        }
+    }
+    // Taken, by agent: plain 1 (plain), gpu 2, beta 2, gpu+docker 4 (all but the group's and
+    // the no-op), no backends 1, no kinds 0, noop too 2.
+    assert_eq!(yes, 12, "pairs taken");
+    let org = store.create_org("late").await.unwrap();
+    let other = store.create_org("else").await.unwrap();
+    let plain = AgentView::plain();
+    let mut late = new_task(&org.id, shell(&["true"]));
+    late.queue_deadline_at = paddock_proto::now_ms() - 1;
+    store.insert_task(&late).await.unwrap();
+    let req = plain.req(&org.id, "a1", 1);
+    assert!(!req.would_take(&late));
+    assert!(store.claim_tasks(&req).await.unwrap().is_empty());
+    let elsewhere = new_task(&other.id, shell(&["true"]));
+    store.insert_task(&elsewhere).await.unwrap();
+    assert!(!req.would_take(&elsewhere));
+    assert!(store.claim_tasks(&req).await.unwrap().is_empty());
+    // An instance's claim is never predicted (it depends on the instance's row).
+    let i1 = view(&["instance:i1"], &["agent.execute"], &["host"]);
+    let mut inst = i1.req(&org.id, "i1", 1);
+    inst.instance = true;
+    let mut targeted = shell(&["true"]);
+    targeted.selector = Some(Selector {
+        tag: None,
+        group: None,
+        instance: Some("i1".into()),
+    });
+    assert!(!inst.would_take(&new_task(&org.id, targeted)));
+}
+
+/// Tasks handed to agents before they are stored (SQLite): `hand` runs before any row
+/// exists, then each task is stored as it was left: dispatched to its agent (attempt 1, its
+/// lease, its `dispatched` event; its result is then stored) or queued. A failed insert
+/// stores none of the batch. PostgreSQL refuses the call without calling `hand`.
+async fn tasks_dispatched_before_they_are_stored(store: Store) {
+    let org = store.create_org("acme").await.unwrap();
+    let mut tasks: Vec<NewTask> = (0..3)
+        .map(|i| new_task(&org.id, shell(&["echo", &i.to_string()])))
+        .collect();
+    // Without ids: refused before `hand`.
+    let mut called = false;
+    let err = store
+        .insert_dispatched(&tasks, || {
+            called = true;
+            vec![]
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Unsupported(_)), "{err}");
+    assert!(!called);
+    for t in &mut tasks {
+        t.id = Some(paddock_store::new_task_id());
+    }
+    let ids: Vec<String> = tasks.iter().map(|t| t.id.clone().unwrap()).collect();
+    let lease_until = paddock_proto::now_ms() + 30_000;
+    let handed = |agent: &str| {
+        Some(Handed {
+            agent_id: agent.into(),
+            lease_until,
+        })
+    };
+    let reads = store.clone();
+    let mut before = None;
+    let got = store
+        .insert_dispatched(&tasks, || {
+            // The readers see no row yet: `hand` runs before the insert.
+            before = Some(std::thread::scope(|s| {
+                s.spawn(|| {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap()
+                        .block_on(reads.get_task(&org.id, &ids[0]))
+                        .unwrap()
+                })
+                .join()
+                .unwrap()
+            }));
+            vec![handed("a1"), None, handed("a2")]
+        })
+        .await;
+    if store.dialect() == paddock_store::Dialect::Postgres {
+        assert!(matches!(got, Err(StoreError::Unsupported(_))), "{got:?}");
+        assert!(before.is_none(), "hand is not called on PostgreSQL");
+        assert!(store.get_task(&org.id, &ids[0]).await.unwrap().is_none());
+        return;
+    }
+    assert_eq!(got.unwrap(), ids);
+    assert_eq!(before, Some(None), "no row existed when hand ran");
+    for (id, agent) in [(&ids[0], "a1"), (&ids[2], "a2")] {
+        let row = store.get_task(&org.id, id).await.unwrap().unwrap();
+        assert_eq!(row.state, TaskState::Dispatched);
+        assert_eq!(row.agent_id.as_deref(), Some(agent));
+        assert_eq!(row.attempt, 1);
+        assert!(row.dispatched_at.is_some());
+        let events = store.list_events(id).await.unwrap();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].name, "dispatched");
+        assert_eq!(events[0].payload, serde_json::json!({ "agentId": agent }));
+    }
+    let queued = store.get_task(&org.id, &ids[1]).await.unwrap().unwrap();
+    assert_eq!(queued.state, TaskState::Queued);
+    assert_eq!(queued.attempt, 0);
+    assert!(store.list_events(&ids[1]).await.unwrap().is_empty());
+    // The leases are the ones given: none has run out just before, ...
+    let ttl = 60_000;
+    let (failed, requeued) = store
+        .expire_leases(lease_until - 1, ttl, lease_until + ttl)
+        .await
+        .unwrap();
+    assert!(failed.is_empty() && requeued.is_empty());
+    // ... the dispatched task's result is stored as any claimed one's, ...
+    assert!(
+        store
+            .complete_task(
+                &org.id,
+                "a1",
+                &result(&ids[0], 1, ResultStatus::Succeeded, 0),
+                60_000
+            )
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store
+            .get_task(&org.id, &ids[0])
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        TaskState::Succeeded
+    );
+    // ... and the other's lease runs out after: it goes back to the queue, behind the queued
+    // task, and a claim takes both.
+    let (failed, requeued) = store
+        .expire_leases(lease_until + 1, ttl, lease_until + ttl)
+        .await
+        .unwrap();
+    assert!(failed.is_empty());
+    assert_eq!(
+        requeued.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+        vec![ids[2].as_str()]
+    );
+    let a = AgentView::plain();
+    let claimed = store.claim_tasks(&a.req(&org.id, "a3", 5)).await.unwrap();
+    assert_eq!(
+        claimed.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+        vec![ids[1].as_str(), ids[2].as_str()]
+    );
+    assert_eq!(claimed[1].attempt, 2);
+    // A taken id fails the whole batch, after `hand` ran.
+    let mut again = new_task(&org.id, shell(&["true"]));
+    again.id = Some(paddock_store::new_task_id());
+    let mut dup = new_task(&org.id, shell(&["true"]));
+    dup.id = Some(ids[0].clone());
+    let mut called = false;
+    assert!(
+        store
+            .insert_dispatched(&[again.clone(), dup], || {
+                called = true;
+                vec![handed("a1"), handed("a1")]
+            })
+            .await
+            .is_err()
+    );
+    assert!(called);
+    assert!(
+        store
+            .get_task(&org.id, again.id.as_ref().unwrap())
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing of the failed batch is stored"
+    );
 }
