@@ -232,7 +232,7 @@ async fn write(state: &AppState, batch: Vec<Pending>) {
 mod tests {
     use std::time::Duration;
 
-    use paddock_proto::TaskSpec;
+    use paddock_proto::{GatewayMessage, TaskSpec};
     use paddock_store::TaskState;
 
     use crate::{Gateway, GatewayConfig};
@@ -318,5 +318,98 @@ mod tests {
         assert_eq!(queued.len(), 300, "299 and the first one");
         gw.state().shutdown.cancel();
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    /// A submission sent to a free agent before its row is written, whose insert then fails
+    /// (its id is taken), is recalled at the agent (`cancel` after the `dispatch`, slot
+    /// freed), answered `500` and not stored again: the row holding that id is left as it
+    /// was. A good submission after it goes straight to the agent and is stored dispatched.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dispatched_submission_that_cannot_be_stored_is_recalled() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let url = format!("sqlite://{}", dir.path().join("paddock.db").display());
+        let mut cfg = GatewayConfig::new(url);
+        cfg.tick = Duration::from_secs(3600);
+        let gw = Gateway::start(cfg).await.unwrap_or_else(|e| panic!("{e}"));
+        let state = gw.state().clone();
+        let org = state
+            .store
+            .create_org("acme")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // Queued for a tag the agent does not have: no round gives it to the agent.
+        let mut gpu = task(&org.id, None);
+        gpu.spec.selector = Some(paddock_proto::Selector {
+            tag: Some("gpu".into()),
+            group: None,
+            instance: None,
+        });
+        let taken = state
+            .inserter
+            .insert(gpu)
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        let (handle, mut rx) = state.hub.register(crate::hub::Registration {
+            agent_id: "a1".into(),
+            org_id: org.id.clone(),
+            tags: vec![],
+            kinds: vec!["agent.noop".into()],
+            backends: vec![],
+            max_in_flight: 2,
+            instance: false,
+        });
+        let row = |id: String| {
+            let state = state.clone();
+            let org = org.id.clone();
+            async move {
+                state
+                    .store
+                    .get_task(&org, &id)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"))
+                    .unwrap_or_else(|| panic!("no row {id}"))
+            }
+        };
+        // As its first round would leave it, finding nothing it may take (no session woke
+        // the dispatcher for it here, and the sweep is an hour away).
+        handle.set_wants_more(false);
+        let before = row(taken.clone()).await;
+        assert_eq!(before.state, TaskState::Queued);
+
+        let err = submit(&state, task(&org.id, Some(taken.clone())))
+            .await
+            .expect_err("a taken id cannot be stored");
+        assert_eq!(err.code(), paddock_proto::ErrorCode::Internal);
+        match rx.try_recv() {
+            Ok(GatewayMessage::Dispatch(d)) => {
+                assert_eq!((d.task_id.as_str(), d.attempt), (taken.as_str(), 1))
+            }
+            other => panic!("expected the dispatch first, got {other:?}"),
+        }
+        match rx.try_recv() {
+            Ok(GatewayMessage::Cancel(c)) => {
+                assert_eq!((c.task_id.as_str(), c.attempt), (taken.as_str(), 1))
+            }
+            other => panic!("expected its cancel, got {other:?}"),
+        }
+        assert_eq!(handle.free_slots(), 2, "the recalled slot is free again");
+        assert_eq!(
+            row(taken.clone()).await,
+            before,
+            "the row holding the id is untouched"
+        );
+
+        let id = submit(&state, task(&org.id, None))
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        match rx.try_recv() {
+            Ok(GatewayMessage::Dispatch(d)) => assert_eq!(d.task_id, id),
+            other => panic!("expected the dispatch, got {other:?}"),
+        }
+        let stored = row(id).await;
+        assert_eq!(stored.state, TaskState::Dispatched);
+        assert_eq!(stored.agent_id.as_deref(), Some("a1"));
+        assert_eq!(handle.free_slots(), 1);
+        gw.state().shutdown.cancel();
     }
 }
