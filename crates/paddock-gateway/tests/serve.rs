@@ -1,6 +1,6 @@
 //! The HTTP server loop's shutdown: new connections are refused as soon as it begins, a
 //! request still being received keeps its connection until it ends, idle keep-alive
-//! connections are closed.
+//! connections are closed, and agents' WebSocket sessions are told to reconnect and closed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
@@ -109,4 +109,97 @@ async fn shutdown_refuses_new_connections_and_lets_open_requests_finish() {
         .expect("the server stops once its connections are done")
         .unwrap()
         .unwrap();
+}
+
+/// The next item of `s`, within 10 s.
+async fn next_frame<S: futures_util::Stream + Unpin>(s: &mut S) -> Option<S::Item> {
+    use futures_util::StreamExt;
+    tokio::time::timeout(Duration::from_secs(10), s.next())
+        .await
+        .expect("a frame within 10 s")
+}
+
+/// An agent's WebSocket session, upgraded through the server loop, is ended by the shutdown:
+/// the agent reads `UNAVAILABLE` (reconnect) and a Close, the server stops without waiting
+/// for the agent to hang up, and a new upgrade is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_agent_sessions_and_refuses_new_ones() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = GatewayConfig::new(format!(
+        "sqlite://{}",
+        dir.path().join("paddock.db").display()
+    ));
+    let gw = Gateway::start(cfg).await.unwrap();
+    let org = gw.state().store.create_org("acme").await.unwrap();
+    let (_, token) = gw
+        .state()
+        .store
+        .issue_managed_agent(&org.id, "agent-1", &[])
+        .await
+        .unwrap();
+    let stop = gw.shutdown_token();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serving = tokio::spawn(gw.serve(listener, std::future::pending()));
+    let request = || {
+        let mut r = format!("ws://{addr}/ws/executor")
+            .into_client_request()
+            .unwrap();
+        r.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        r
+    };
+    let (mut ws, _) = tokio_tungstenite::connect_async(request()).await.unwrap();
+    let hello = paddock_proto::AgentMessage::Hello(paddock_proto::Hello {
+        protocol: paddock_proto::PROTOCOL_VERSION,
+        agent_version: "0.0.0-test".into(),
+        capabilities: paddock_proto::Capabilities {
+            kinds: vec!["agent.noop".into()],
+            connectors: vec![],
+            tags: vec![],
+            max_in_flight: 1,
+            backends: vec![],
+        },
+        running: vec![],
+    });
+    ws.send(Message::text(serde_json::to_string(&hello).unwrap()))
+        .await
+        .unwrap();
+    let first = next_frame(&mut ws).await.unwrap().unwrap();
+    assert!(first.to_text().unwrap().contains("hello_ok"), "{first:?}");
+
+    stop.cancel();
+    let mut told = None;
+    loop {
+        match next_frame(&mut ws).await {
+            Some(Ok(Message::Text(t))) => {
+                let msg: serde_json::Value = serde_json::from_str(&t).unwrap();
+                if msg["type"] == "error" {
+                    told = Some(msg);
+                }
+            }
+            Some(Ok(Message::Close(_))) | None => break,
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("the session ended without a Close: {e}"),
+        }
+    }
+    let told = told.expect("an error before the Close");
+    assert_eq!(told["code"], "UNAVAILABLE", "{told}");
+    assert!(
+        told["message"].as_str().unwrap().contains("reconnect"),
+        "{told}"
+    );
+    tokio::time::timeout(Duration::from_secs(15), serving)
+        .await
+        .expect("the server stops with the agent still connected")
+        .unwrap()
+        .unwrap();
+    assert!(
+        tokio_tungstenite::connect_async(request()).await.is_err(),
+        "a new session after the shutdown"
+    );
+    drop(ws);
 }
