@@ -617,4 +617,98 @@ mod tests {
         }
         assert!(rx.try_recv().is_err(), "one cancel only");
     }
+
+    /// A submission skips the claim only for a free agent that may take it, with nothing
+    /// that could be queued ahead of it: not while a wake-up about its org waits for a round
+    /// (until the round has taken it), not for an agent marked as wanting more, not without
+    /// the task's id, and only if every task of the batch has a slot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn submissions_skip_the_claim_only_when_nothing_can_be_ahead() {
+        use std::time::{Duration, Instant};
+
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let url = format!("sqlite://{}", dir.path().join("paddock.db").display());
+        let mut cfg = crate::GatewayConfig::new(url);
+        cfg.tick = Duration::from_secs(3600);
+        let gw = crate::Gateway::start(cfg)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let state = gw.state().clone();
+        let (handle, _rx) = state.hub.register(Registration {
+            agent_id: "a1".into(),
+            org_id: "o1".into(),
+            tags: vec![],
+            kinds: vec!["agent.noop".into()],
+            backends: vec![],
+            max_in_flight: 2,
+            instance: false,
+        });
+        handle.set_wants_more(false);
+        let task = |kind: &str| paddock_store::NewTask {
+            id: Some(paddock_store::new_task_id()),
+            org_id: "o1".into(),
+            spec: serde_json::from_value(serde_json::json!({ "kind": kind }))
+                .unwrap_or_else(|e| panic!("{e}")),
+            max_attempts: 1,
+            queue_deadline_at: now_ms() + 60_000,
+        };
+        let noop = task("agent.noop");
+        let pick = |tasks: &[paddock_store::NewTask], free: u32| {
+            let open = vec![(handle.clone(), free, Vec::<String>::new())];
+            pick_free_agents(&state, tasks, &open, now_ms())
+        };
+        assert_eq!(pick(std::slice::from_ref(&noop), 2), Some(vec![0]));
+        assert_eq!(
+            pick(&[noop.clone(), task("agent.noop")], 2),
+            Some(vec![0, 0])
+        );
+        assert_eq!(
+            pick(&[noop.clone(), task("agent.noop")], 1),
+            None,
+            "one slot for two"
+        );
+        assert_eq!(
+            pick(&[task("agent.execute")], 2),
+            None,
+            "a kind it does not run"
+        );
+        let mut anonymous = noop.clone();
+        anonymous.id = None;
+        assert_eq!(pick(&[anonymous], 2), None, "no id yet");
+        {
+            // As while the dispatcher runs a round: the wake-up waits for the next one.
+            let _round = state.dispatch_wake.round.lock().await;
+            state.dispatch_wake.org("other");
+            assert_eq!(
+                pick(std::slice::from_ref(&noop), 2),
+                Some(vec![0]),
+                "another org's"
+            );
+            state.dispatch_wake.org("o1");
+            assert_eq!(
+                pick(std::slice::from_ref(&noop), 2),
+                None,
+                "a wake-up about o1 waits"
+            );
+        }
+        // The dispatcher's next round takes it.
+        let t0 = Instant::now();
+        while state.dispatch_wake.has_pending("o1") {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "no round took the wake-up"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // That round found nothing queued for the agent: it is not marked.
+        assert!(!handle.wants_more());
+        assert_eq!(pick(std::slice::from_ref(&noop), 2), Some(vec![0]));
+        handle.set_wants_more(true);
+        assert_eq!(
+            pick(std::slice::from_ref(&noop), 2),
+            None,
+            "marked as wanting more"
+        );
+        gw.state().shutdown.cancel();
+    }
 }
