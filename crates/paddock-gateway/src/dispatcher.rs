@@ -675,16 +675,29 @@ mod tests {
         let mut anonymous = noop.clone();
         anonymous.id = None;
         assert_eq!(pick(&[anonymous], 2), None, "no id yet");
+        let taken = |org: &'static str| {
+            let state = state.clone();
+            async move {
+                let t0 = Instant::now();
+                while state.dispatch_wake.has_pending(org) {
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(5),
+                        "no round took the wake-up"
+                    );
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        // A wake-up, taken by a round; then the dispatcher waits for the next one.
+        state.dispatch_wake.org("o1");
+        taken("o1").await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
         {
-            // As while the dispatcher runs a round: the wake-up waits for the next one.
+            // As while the dispatcher runs a round: a wake-up waits for the next one, and
+            // the dispatcher must not take it before that round can run.
             let _round = state.dispatch_wake.round.lock().await;
-            state.dispatch_wake.org("other");
-            assert_eq!(
-                pick(std::slice::from_ref(&noop), 2),
-                Some(vec![0]),
-                "another org's"
-            );
             state.dispatch_wake.org("o1");
+            tokio::time::sleep(Duration::from_millis(50)).await;
             assert_eq!(
                 pick(std::slice::from_ref(&noop), 2),
                 None,
@@ -692,13 +705,16 @@ mod tests {
             );
         }
         // The dispatcher's next round takes it.
-        let t0 = Instant::now();
-        while state.dispatch_wake.has_pending("o1") {
-            assert!(
-                t0.elapsed() < Duration::from_secs(5),
-                "no round took the wake-up"
+        taken("o1").await;
+        {
+            let _round = state.dispatch_wake.round.lock().await;
+            state.dispatch_wake.org("other");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(
+                pick(std::slice::from_ref(&noop), 2),
+                Some(vec![0]),
+                "another org's"
             );
-            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // That round found nothing queued for the agent: it is not marked.
         assert!(!handle.wants_more());
