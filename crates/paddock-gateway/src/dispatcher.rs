@@ -273,27 +273,11 @@ pub(crate) async fn insert_and_claim<'a>(
     hand: Hand,
 ) -> Result<(Vec<String>, Option<Claims<'a>>), NotStored> {
     let round = state.dispatch_wake.round.lock().await;
-    let orgs: BTreeSet<&str> = tasks.iter().map(|t| t.org_id.as_str()).collect();
-    let mut open = Vec::new();
-    let mut instance_orgs = BTreeSet::new();
-    for handle in state.hub.snapshot() {
-        if handle.close.is_cancelled() || !orgs.contains(handle.org_id.as_str()) {
-            continue;
-        }
-        // A full agent is marked: the new work waits for its freed slot.
-        let free = handle.free_slots_or_mark().min(MAX_BATCH);
-        if free == 0 {
-            continue;
-        }
-        if handle.instance {
-            instance_orgs.insert(handle.org_id.clone());
-            continue;
-        }
-        let tags = handle.tags();
-        open.push((handle, free, tags));
-    }
+    let (open, instance_orgs) = open_agents(state, tasks);
     let now = now_ms();
+    // The dispatch names the task before its row exists: it needs its id.
     if hand == Hand::BeforeCommit
+        && tasks.iter().all(|t| t.id.is_some())
         && let Some(picks) = pick_free_agents(state, tasks, &open, now)
     {
         return hand_directly(state, round, tasks, &open, &picks, now).await;
@@ -331,8 +315,101 @@ pub(crate) async fn insert_and_claim<'a>(
     }
 }
 
-/// The agents open for new work of a submission: each with its free slots and its tags.
-type Open = [(Arc<AgentHandle>, u32, Vec<String>)];
+/// An agent open for new work of a submission, with its free slots and its tags.
+type OpenAgent = (Arc<AgentHandle>, u32, Vec<String>);
+
+/// The agents open for new work of a submission.
+type Open = [OpenAgent];
+
+/// The agents of this replica with free slots in the orgs of `tasks` (not instances'), and
+/// the orgs where instances' agents have free slots (their claims lock the instance's row,
+/// so the dispatcher makes them). A full agent is marked: the new work waits for its freed
+/// slot. Call under the round lock.
+fn open_agents(
+    state: &AppState,
+    tasks: &[paddock_store::NewTask],
+) -> (Vec<OpenAgent>, BTreeSet<String>) {
+    let orgs: BTreeSet<&str> = tasks.iter().map(|t| t.org_id.as_str()).collect();
+    let mut open = Vec::new();
+    let mut instance_orgs = BTreeSet::new();
+    for handle in state.hub.snapshot() {
+        if handle.close.is_cancelled() || !orgs.contains(handle.org_id.as_str()) {
+            continue;
+        }
+        let free = handle.free_slots_or_mark().min(MAX_BATCH);
+        if free == 0 {
+            continue;
+        }
+        if handle.instance {
+            instance_orgs.insert(handle.org_id.clone());
+            continue;
+        }
+        let tags = handle.tags();
+        open.push((handle, free, tags));
+    }
+    (open, instance_orgs)
+}
+
+/// What [`insert_assigned`] did with a batch: the new ids, and the orgs with tasks left
+/// queued (their agents had queued work waiting, or a session ended), for the dispatcher.
+pub(crate) struct Assigned {
+    pub(crate) ids: Vec<String>,
+    pub(crate) queued_orgs: BTreeSet<String>,
+}
+
+/// PostgreSQL: stores a batch of submissions with each task already dispatched to a free
+/// agent of this replica that may take it ([`pick_free_agents`]), in one commit where an
+/// insert and a claim took two (each an `fsync`), then sends the dispatches. The database
+/// keeps the order: a task whose agent would claim queued work already waiting (from any
+/// replica) is stored queued instead ([`paddock_store::Store::insert_assigned`]). `None`
+/// when the batch does not all go to free agents: the caller stores it queued, for the
+/// claims. On error nothing is stored or sent.
+pub(crate) async fn insert_assigned(
+    state: &AppState,
+    tasks: &[paddock_store::NewTask],
+) -> Option<Result<Assigned, paddock_store::StoreError>> {
+    // Held until the dispatches are sent: no round fills the slots picked here meanwhile.
+    let round = state.dispatch_wake.round.lock().await;
+    let (open, _) = open_agents(state, tasks);
+    let now = now_ms();
+    let picks = pick_free_agents(state, tasks, &open, now)?;
+    let requests: Vec<Option<ClaimRequest<'_>>> = picks
+        .iter()
+        .map(|&i| Some(request(state, &open[i].0, &open[i].2, 1, now)))
+        .collect();
+    let (ids, dispatched) = match state.store.insert_assigned(tasks, &requests).await {
+        Ok(stored) => stored,
+        Err(e) => return Some(Err(e)),
+    };
+    let lease_until = lease_until(state, now);
+    let mut queued_orgs = BTreeSet::new();
+    let mut unsent = Vec::new();
+    for ((task, id), (&i, &sent_now)) in tasks.iter().zip(&ids).zip(picks.iter().zip(&dispatched)) {
+        if !sent_now {
+            queued_orgs.insert(task.org_id.clone());
+            continue;
+        }
+        let claimed = ClaimedTask {
+            id: id.clone(),
+            attempt: 1,
+            spec: task.spec.clone(),
+            created_at: now,
+        };
+        unsent.extend(send_claimed(state, &open[i].0, vec![claimed], lease_until).unsent);
+    }
+    drop(round);
+    if !unsent.is_empty() {
+        // Sessions that ended since the snapshot: back to the queue (as `deliver` does).
+        let state = state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = release(&state, &unsent).await {
+                tracing::warn!("releasing dispatches of an ended session failed: {e}");
+            }
+            state.dispatch_wake.notify_one();
+        });
+    }
+    Some(Ok(Assigned { ids, queued_orgs }))
+}
 
 /// For a submission on SQLite, the agent each task can be handed to at once, without a
 /// claim (an index into `open`): the first with a free slot that may take it, in the order a
@@ -340,7 +417,7 @@ type Open = [(Arc<AgentHandle>, u32, Vec<String>)];
 /// slot: the agent is not marked as wanting more (its last claim left no queued work of its
 /// org behind, and it has not been passed over while full) and no wake-up of the dispatcher
 /// about the org is pending (re-queued work, a freed slot, a new connection). `None` when a
-/// task has no such agent or has no id yet, or an org cap is set: claims decide then.
+/// task has no such agent, or an org cap is set: claims decide then.
 fn pick_free_agents(
     state: &AppState,
     tasks: &[paddock_store::NewTask],
@@ -356,7 +433,7 @@ fn pick_free_agents(
         .collect();
     let mut picks = Vec::with_capacity(tasks.len());
     for task in tasks {
-        if task.id.is_none() || state.dispatch_wake.has_pending(&task.org_id) {
+        if state.dispatch_wake.has_pending(&task.org_id) {
             return None;
         }
         let i = open.iter().enumerate().position(|(i, (h, _, tags))| {
@@ -620,8 +697,8 @@ mod tests {
 
     /// A submission skips the claim only for a free agent that may take it, with nothing
     /// that could be queued ahead of it: not while a wake-up about its org waits for a round
-    /// (until the round has taken it), not for an agent marked as wanting more, not without
-    /// the task's id, and only if every task of the batch has a slot.
+    /// (until the round has taken it), not for an agent marked as wanting more, and only if
+    /// every task of the batch has a slot.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn submissions_skip_the_claim_only_when_nothing_can_be_ahead() {
         use std::time::{Duration, Instant};
@@ -672,9 +749,6 @@ mod tests {
             None,
             "a kind it does not run"
         );
-        let mut anonymous = noop.clone();
-        anonymous.id = None;
-        assert_eq!(pick(&[anonymous], 2), None, "no id yet");
         let taken = |org: &'static str| {
             let state = state.clone();
             async move {

@@ -183,6 +183,34 @@ async fn write(state: &AppState, batch: Vec<Pending>) {
             ),
         }
     }
+    if state.store.dialect() == paddock_store::Dialect::Postgres
+        && let Some(done) = crate::dispatcher::insert_assigned(state, &tasks).await
+    {
+        match done {
+            // Stored, and dispatched to this replica's free agents: one commit.
+            Ok(assigned) => {
+                for (reply, id) in replies.into_iter().zip(assigned.ids) {
+                    let _ = reply.send(Ok(id));
+                }
+                let orgs: BTreeSet<String> = tasks.iter().map(|t| t.org_id.clone()).collect();
+                let (queued, dispatched): (Vec<String>, Vec<String>) = orgs
+                    .into_iter()
+                    .partition(|o| assigned.queued_orgs.contains(o));
+                bus::publish_ready_dispatched(state, dispatched).await;
+                bus::publish_all(
+                    state,
+                    queued
+                        .into_iter()
+                        .map(|org| bus::BusEvent::TaskReady { org })
+                        .collect(),
+                )
+                .await;
+                return;
+            }
+            // Nothing stored: the general path below finds which tasks fail.
+            Err(e) => tracing::debug!(tasks = tasks.len(), "assigned insert failed: {e}"),
+        }
+    }
     let results: Vec<Result<String, String>> = match state.store.insert_tasks(&tasks).await {
         Ok(ids) => ids.into_iter().map(Ok).collect(),
         Err(e) if tasks.len() == 1 => vec![Err(e.to_string())],

@@ -12,18 +12,14 @@ use rusqlite::{Connection, params};
 use paddock_proto::TaskResult;
 
 use crate::tasks::{
-    ClaimRequest, ClaimedTask, Handed, InsertRow, TaskRow, claim_sql, claim_values,
-    claimed_from_row, complete_sql, dispatched_payload, inflight_sql, result_columns,
+    ClaimRequest, ClaimedTask, Handed, INSERT_DISPATCHED_SQL, InsertRow, TaskRow, claim_sql,
+    claim_values, claimed_from_row, complete_sql, dispatched_payload, inflight_sql, result_columns,
     task_from_row,
 };
 use crate::{Dialect, Result};
 
 const INSERT_SQL: &str = "INSERT INTO tasks (id, org_id, kind, required_tag, backend, spec, state, attempt, max_attempts, queue_deadline_at, created_at, updated_at) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', 0, ?7, ?8, ?9, ?9)";
-
-/// A new task stored already dispatched to an agent (attempt 1), as a claim would leave it.
-const INSERT_DISPATCHED_SQL: &str = "INSERT INTO tasks (id, org_id, kind, required_tag, backend, spec, state, attempt, max_attempts, agent_id, lease_expires_at, queue_deadline_at, created_at, updated_at, dispatched_at) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'dispatched', 1, ?7, ?8, ?9, ?10, ?11, ?11, ?11)";
 
 const EVENT_SQL: &str = "INSERT INTO task_events (id, task_id, attempt, name, payload, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 
@@ -114,13 +110,15 @@ pub(crate) fn insert_dispatched(
     handed: &[Option<Handed>],
     now: i64,
 ) -> Result<()> {
+    static SQL: OnceLock<String> = OnceLock::new();
+    let insert_dispatched = SQL.get_or_init(|| numbered(INSERT_DISPATCHED_SQL));
     let tx = Tx::begin(conn)?;
     for (i, r) in rows.iter().enumerate() {
         let Some(h) = handed.get(i).and_then(Option::as_ref) else {
             insert_rows(tx.conn, std::slice::from_ref(r), now)?;
             continue;
         };
-        tx.prepare_cached(INSERT_DISPATCHED_SQL)?.execute(params![
+        tx.prepare_cached(insert_dispatched)?.execute(params![
             r.id,
             r.task.org_id,
             r.task.spec.kind,

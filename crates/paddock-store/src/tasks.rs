@@ -328,6 +328,27 @@ pub(crate) struct InsertRow<'a> {
     pub(crate) spec: String,
 }
 
+/// The multi-row `INSERT` of `n` queued tasks, for [`insert_query`].
+fn insert_statement(n: usize) -> String {
+    let values = value_rows(n, 9, |b| {
+        format!(
+            "({}, 'queued', 0, {}, ${})",
+            placeholders(b, 6),
+            placeholders(b + 6, 3),
+            b + 8
+        )
+    });
+    format!(
+        "INSERT INTO tasks (id, org_id, kind, required_tag, backend, spec, state, attempt, max_attempts, queue_deadline_at, created_at, updated_at) VALUES {values}"
+    )
+}
+
+/// A new task stored already dispatched to an agent (attempt 1), as a claim would leave it:
+/// $1 id, $2 org, $3 kind, $4 required tag, $5 backend, $6 spec, $7 max attempts, $8 agent,
+/// $9 lease, $10 queue deadline, $11 now.
+pub(crate) const INSERT_DISPATCHED_SQL: &str = "INSERT INTO tasks (id, org_id, kind, required_tag, backend, spec, state, attempt, max_attempts, agent_id, lease_expires_at, queue_deadline_at, created_at, updated_at, dispatched_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, 'dispatched', 1, $7, $8, $9, $10, $11, $11, $11)";
+
 /// The multi-row `INSERT` of `sql` (built for `rows.len()` rows), bound.
 fn insert_query<'q>(
     sql: &'q str,
@@ -378,19 +399,7 @@ impl Store {
             crate::hot::insert_tasks(raw, &rows, now)?;
             return Ok(ids);
         }
-        let statement = |n: usize| {
-            let values = value_rows(n, 9, |b| {
-                format!(
-                    "({}, 'queued', 0, {}, ${})",
-                    placeholders(b, 6),
-                    placeholders(b + 6, 3),
-                    b + 8
-                )
-            });
-            format!(
-                "INSERT INTO tasks (id, org_id, kind, required_tag, backend, spec, state, attempt, max_attempts, queue_deadline_at, created_at, updated_at) VALUES {values}"
-            )
-        };
+        let statement = insert_statement;
         // One statement is atomic on its own; more need a transaction.
         if rows.len() <= INSERT_CHUNK {
             let sql = statement(rows.len());
@@ -499,6 +508,71 @@ impl Store {
         let handed = hand();
         crate::hot::insert_dispatched(raw, &rows, &handed, paddock_proto::now_ms())?;
         Ok(ids)
+    }
+
+    /// Stores new tasks, each assigned to an agent of this replica (`assigned[i]`: the claim
+    /// that agent would make, limit and all ignored but its eligibility, lease and `now`;
+    /// `None` or missing: not assigned), in one transaction, and returns their ids and, per
+    /// task, whether it was stored `dispatched` to its agent (attempt 1, with its
+    /// `dispatched` event). An assigned task is stored `queued` instead when queued work its
+    /// agent would claim is already waiting, so that the older work goes first (through the
+    /// claims). The caller sends the dispatches once this returns: after the commit, as a
+    /// claim's.
+    ///
+    /// # Errors
+    /// Database failure, or a spec that does not serialise. Nothing is stored then.
+    pub async fn insert_assigned(
+        &self,
+        tasks: &[NewTask],
+        assigned: &[Option<ClaimRequest<'_>>],
+    ) -> Result<(Vec<String>, Vec<bool>)> {
+        let now = paddock_proto::now_ms();
+        let (ids, rows) = insert_rows(tasks)?;
+        let mut w = self.w().await?;
+        let mut tx = w.begin().await?;
+        // Before any new row exists: only older work counts.
+        let mut dispatched = Vec::with_capacity(rows.len());
+        for i in 0..rows.len() {
+            dispatched.push(match assigned.get(i).and_then(Option::as_ref) {
+                Some(req) => !queued_for(&mut tx, req).await?,
+                None => false,
+            });
+        }
+        for (i, r) in rows.iter().enumerate() {
+            let Some(req) = assigned
+                .get(i)
+                .and_then(Option::as_ref)
+                .filter(|_| dispatched[i])
+            else {
+                insert_query(&insert_statement(1), std::slice::from_ref(r), now)
+                    .execute(&mut *tx)
+                    .await?;
+                continue;
+            };
+            sqlx::query(INSERT_DISPATCHED_SQL)
+                .bind(r.id.as_str())
+                .bind(r.task.org_id.as_str())
+                .bind(r.task.spec.kind.as_str())
+                .bind(r.required_tag.as_deref())
+                .bind(r.task.spec.sandbox.backend.as_deref())
+                .bind(r.spec.as_str())
+                .bind(i64::from(r.task.max_attempts.max(1)))
+                .bind(req.agent_id)
+                .bind(req.lease_until)
+                .bind(r.task.queue_deadline_at)
+                .bind(req.now)
+                .execute(&mut *tx)
+                .await?;
+            insert_events(
+                &mut tx,
+                &[(r.id.as_str(), 1)],
+                "dispatched",
+                &dispatched_payload(req.agent_id),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok((ids, dispatched))
     }
 
     /// Whether an org has queued tasks (read on the queue's partial index).
@@ -1365,7 +1439,27 @@ pub(crate) fn claim_sql(dialect: Dialect, req: &ClaimRequest<'_>) -> Option<Stri
     // The pick is a materialised CTE: as a plain `IN (SELECT .. LIMIT)` PostgreSQL may
     // evaluate the subquery more than once and claim past the limit.
     // $1 agent, $2 lease, $3 now, $4 org, $5 limit, then kinds, tags, backends.
-    let mut next = 6;
+    let filter = pick_filter(req, 6)?;
+    // SQLite: `+state` keeps the planner off the state index for the outer UPDATE, which
+    // would otherwise visit every queued row to find the picked ids (not the primary key).
+    let (lock, outer_state) = match dialect {
+        Dialect::Postgres => ("FOR UPDATE SKIP LOCKED", "state"),
+        Dialect::Sqlite => ("", "+state"),
+    };
+    Some(format!(
+        "WITH picked AS MATERIALIZED (SELECT id FROM tasks WHERE org_id = $4 AND state = 'queued' AND cancel_requested = 0 AND queue_deadline_at > $3 \
+             AND {filter} ORDER BY created_at, id LIMIT $5 {lock}) \
+             UPDATE tasks SET state = 'dispatched', agent_id = $1, attempt = attempt + 1, lease_expires_at = $2, dispatched_at = $3, started_at = NULL, updated_at = $3 \
+             WHERE {outer_state} = 'queued' AND id IN (SELECT id FROM picked) \
+             RETURNING id, attempt, spec, created_at"
+    ))
+}
+
+/// What a claim for `req` may take besides its org, state and deadline: kind, control-plane
+/// tag and backend, with the kinds, tags and backends ([`claim_values`]) bound from `$first`
+/// on. `None` when it can take nothing (an instance's agent without tags).
+fn pick_filter(req: &ClaimRequest<'_>, first: usize) -> Option<String> {
+    let mut next = first;
     let kinds = placeholders(next, req.kinds.len());
     next += req.kinds.len();
     let tag_clause = if req.tags.is_empty() {
@@ -1388,19 +1482,25 @@ pub(crate) fn claim_sql(dialect: Dialect, req: &ClaimRequest<'_>) -> Option<Stri
         let p = placeholders(next, req.backends.len());
         format!("(backend IS NULL OR backend IN ({p}))")
     };
-    // SQLite: `+state` keeps the planner off the state index for the outer UPDATE, which
-    // would otherwise visit every queued row to find the picked ids (not the primary key).
-    let (lock, outer_state) = match dialect {
-        Dialect::Postgres => ("FOR UPDATE SKIP LOCKED", "state"),
-        Dialect::Sqlite => ("", "+state"),
-    };
     Some(format!(
-        "WITH picked AS MATERIALIZED (SELECT id FROM tasks WHERE org_id = $4 AND state = 'queued' AND cancel_requested = 0 AND queue_deadline_at > $3 \
-             AND kind IN ({kinds}) AND {tag_clause} AND {backend_clause} ORDER BY created_at, id LIMIT $5 {lock}) \
-             UPDATE tasks SET state = 'dispatched', agent_id = $1, attempt = attempt + 1, lease_expires_at = $2, dispatched_at = $3, started_at = NULL, updated_at = $3 \
-             WHERE {outer_state} = 'queued' AND id IN (SELECT id FROM picked) \
-             RETURNING id, attempt, spec, created_at"
+        "kind IN ({kinds}) AND {tag_clause} AND {backend_clause}"
     ))
+}
+
+/// Whether queued work that `req` would claim is waiting ($1 org, $2 now, then the values
+/// of [`claim_values`]).
+async fn queued_for(conn: &mut sqlx::AnyConnection, req: &ClaimRequest<'_>) -> Result<bool> {
+    let Some(filter) = pick_filter(req, 3) else {
+        return Ok(false);
+    };
+    let sql = format!(
+        "SELECT 1 FROM tasks WHERE org_id = $1 AND state = 'queued' AND cancel_requested = 0 AND queue_deadline_at > $2 AND {filter} LIMIT 1"
+    );
+    let mut q = sqlx::query(&sql).bind(req.org_id).bind(req.now);
+    for v in claim_values(req) {
+        q = q.bind(v.as_str());
+    }
+    Ok(q.fetch_optional(conn).await?.is_some())
 }
 
 impl ClaimRequest<'_> {

@@ -58,6 +58,7 @@ contract!(
     counts_by_state_cover_every_state,
     the_in_memory_pick_agrees_with_the_claim,
     tasks_dispatched_before_they_are_stored,
+    assigned_tasks_are_stored_dispatched_unless_older_work_waits,
 );
 
 fn shell(argv: &[&str]) -> TaskSpec {
@@ -2313,6 +2314,100 @@ async fn tasks_dispatched_before_they_are_stored(store: Store) {
     assert!(
         store
             .get_task(&org.id, again.id.as_ref().unwrap())
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing of the failed batch is stored"
+    );
+}
+
+/// New tasks assigned to agents are stored dispatched to them (attempt 1, their event, their
+/// lease), unassigned ones queued; an assigned task is stored queued when queued work its
+/// agent would claim is already waiting (work it would not claim does not count), and the
+/// claim then takes the older first. A batch that fails stores nothing.
+async fn assigned_tasks_are_stored_dispatched_unless_older_work_waits(store: Store) {
+    let org = store.create_org("acme").await.unwrap();
+    let plain = AgentView::plain();
+    let tasks: Vec<NewTask> = (0..2)
+        .map(|i| new_task(&org.id, shell(&["echo", &i.to_string()])))
+        .collect();
+    let a1 = plain.req(&org.id, "a1", 1);
+    let (ids, dispatched) = store
+        .insert_assigned(&tasks, &[Some(a1), None])
+        .await
+        .unwrap();
+    assert_eq!(dispatched, vec![true, false]);
+    let row = store.get_task(&org.id, &ids[0]).await.unwrap().unwrap();
+    assert_eq!(row.state, TaskState::Dispatched);
+    assert_eq!(row.agent_id.as_deref(), Some("a1"));
+    assert_eq!(row.attempt, 1);
+    let events = store.list_events(&ids[0]).await.unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].payload, serde_json::json!({ "agentId": "a1" }));
+    let queued = store.get_task(&org.id, &ids[1]).await.unwrap().unwrap();
+    assert_eq!(queued.state, TaskState::Queued);
+    // The lease is the one given.
+    let ttl = 60_000;
+    let (_, requeued) = store
+        .expire_leases(a1.lease_until + 1, ttl, a1.lease_until + ttl)
+        .await
+        .unwrap();
+    assert_eq!(
+        requeued.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+        vec![ids[0].as_str()]
+    );
+    // Queued work a2 would claim waits (both tasks now): the new task is queued behind it.
+    let late = new_task(&org.id, shell(&["true"]));
+    let (late_ids, dispatched) = store
+        .insert_assigned(
+            std::slice::from_ref(&late),
+            &[Some(plain.req(&org.id, "a2", 1))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(dispatched, vec![false]);
+    let claimed = store
+        .claim_tasks(&plain.req(&org.id, "a2", 5))
+        .await
+        .unwrap();
+    assert_eq!(
+        claimed.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+        vec![ids[0].as_str(), ids[1].as_str(), late_ids[0].as_str()],
+        "oldest first"
+    );
+    // Queued work the agent would not claim (another tag) does not hold it back.
+    let mut gpu = shell(&["true"]);
+    gpu.selector = Some(Selector {
+        tag: Some("gpu".into()),
+        group: None,
+        instance: None,
+    });
+    store.insert_task(&new_task(&org.id, gpu)).await.unwrap();
+    let (_, dispatched) = store
+        .insert_assigned(
+            &[new_task(&org.id, shell(&["true"]))],
+            &[Some(plain.req(&org.id, "a3", 1))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(dispatched, vec![true]);
+    // A taken id fails the batch: nothing of it is stored.
+    let mut fresh_with_id = new_task(&org.id, shell(&["echo", "lost"]));
+    fresh_with_id.id = Some(paddock_store::new_task_id());
+    let mut dup = new_task(&org.id, shell(&["true"]));
+    dup.id = Some(ids[0].clone());
+    assert!(
+        store
+            .insert_assigned(
+                &[fresh_with_id.clone(), dup],
+                &[Some(plain.req(&org.id, "a4", 1)), None]
+            )
+            .await
+            .is_err()
+    );
+    assert!(
+        store
+            .get_task(&org.id, fresh_with_id.id.as_ref().unwrap())
             .await
             .unwrap()
             .is_none(),
