@@ -529,6 +529,10 @@ impl Store {
         let now = paddock_proto::now_ms();
         let (ids, rows) = insert_rows(tasks)?;
         let mut w = self.w().await?;
+        if self.dialect == Dialect::Postgres {
+            let dispatched = assigned_pg(&mut w, &rows, assigned, now).await?;
+            return Ok((ids, dispatched));
+        }
         let mut tx = w.begin().await?;
         // Before any new row exists: only older work counts.
         let mut dispatched = Vec::with_capacity(rows.len());
@@ -1485,6 +1489,77 @@ fn pick_filter(req: &ClaimRequest<'_>, first: usize) -> Option<String> {
     Some(format!(
         "kind IN ({kinds}) AND {tag_clause} AND {backend_clause}"
     ))
+}
+
+/// [`Store::insert_assigned`] on PostgreSQL: one statement per assigned task checks for
+/// queued work ahead, inserts the task (dispatched or queued) and its event, so a lone
+/// submission costs one round trip to the server and no `BEGIN`/`COMMIT` (a statement
+/// commits by itself); a batch runs its statements in one transaction.
+async fn assigned_pg(
+    conn: &mut sqlx::AnyConnection,
+    rows: &[InsertRow<'_>],
+    assigned: &[Option<ClaimRequest<'_>>],
+    now: i64,
+) -> Result<Vec<bool>> {
+    if rows.len() == 1 {
+        return assigned_pg_statements(conn, rows, assigned, now).await;
+    }
+    let mut tx = conn.begin().await?;
+    let dispatched = assigned_pg_statements(&mut tx, rows, assigned, now).await?;
+    tx.commit().await?;
+    Ok(dispatched)
+}
+
+/// The statements of [`assigned_pg`], on `c`.
+async fn assigned_pg_statements(
+    c: &mut sqlx::AnyConnection,
+    rows: &[InsertRow<'_>],
+    assigned: &[Option<ClaimRequest<'_>>],
+    now: i64,
+) -> Result<Vec<bool>> {
+    let mut dispatched = Vec::with_capacity(rows.len());
+    for (i, r) in rows.iter().enumerate() {
+        let Some((req, filter)) = assigned
+            .get(i)
+            .and_then(Option::as_ref)
+            .and_then(|req| Some((req, pick_filter(req, 14)?)))
+        else {
+            insert_query(&insert_statement(1), std::slice::from_ref(r), now)
+                .execute(&mut *c)
+                .await?;
+            dispatched.push(false);
+            continue;
+        };
+        let sql = format!(
+            "WITH ahead AS (SELECT EXISTS (SELECT 1 FROM tasks WHERE org_id = $2 AND state = 'queued' AND cancel_requested = 0 AND queue_deadline_at > $11 AND {filter}) AS waiting), \
+             t AS (INSERT INTO tasks (id, org_id, kind, required_tag, backend, spec, state, attempt, max_attempts, agent_id, lease_expires_at, queue_deadline_at, created_at, updated_at, dispatched_at) \
+               SELECT $1, $2, $3, $4, $5, $6, CASE WHEN waiting THEN 'queued' ELSE 'dispatched' END, CASE WHEN waiting THEN 0 ELSE 1 END, $7, \
+               CASE WHEN waiting THEN NULL ELSE $8 END, CASE WHEN waiting THEN NULL ELSE $9 END, $10, $11, $11, CASE WHEN waiting THEN NULL ELSE $11 END FROM ahead \
+               RETURNING id, state), \
+             e AS (INSERT INTO task_events (id, task_id, attempt, name, payload, created_at) SELECT $12, id, 1, 'dispatched', $13, $11 FROM t WHERE state = 'dispatched') \
+             SELECT state FROM t"
+        );
+        let mut q = sqlx::query(&sql)
+            .bind(r.id.as_str())
+            .bind(r.task.org_id.as_str())
+            .bind(r.task.spec.kind.as_str())
+            .bind(r.required_tag.as_deref())
+            .bind(r.task.spec.sandbox.backend.as_deref())
+            .bind(r.spec.as_str())
+            .bind(i64::from(r.task.max_attempts.max(1)))
+            .bind(req.agent_id)
+            .bind(req.lease_until)
+            .bind(r.task.queue_deadline_at)
+            .bind(req.now)
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(dispatched_payload(req.agent_id));
+        for v in claim_values(req) {
+            q = q.bind(v.as_str());
+        }
+        let state: String = q.fetch_one(&mut *c).await?.try_get("state")?;
+        dispatched.push(state == "dispatched");
+    }
+    Ok(dispatched)
 }
 
 /// Whether queued work that `req` would claim is waiting ($1 org, $2 now, then the values

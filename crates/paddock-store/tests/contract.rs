@@ -2383,7 +2383,7 @@ async fn assigned_tasks_are_stored_dispatched_unless_older_work_waits(store: Sto
         instance: None,
     });
     store.insert_task(&new_task(&org.id, gpu)).await.unwrap();
-    let (_, dispatched) = store
+    let (lone, dispatched) = store
         .insert_assigned(
             &[new_task(&org.id, shell(&["true"]))],
             &[Some(plain.req(&org.id, "a3", 1))],
@@ -2391,6 +2391,16 @@ async fn assigned_tasks_are_stored_dispatched_unless_older_work_waits(store: Sto
         .await
         .unwrap();
     assert_eq!(dispatched, vec![true]);
+    // (A lone task is one statement on PostgreSQL: the same row and event.)
+    let row = store.get_task(&org.id, &lone[0]).await.unwrap().unwrap();
+    assert_eq!(
+        (row.state, row.agent_id.as_deref(), row.attempt),
+        (TaskState::Dispatched, Some("a3"), 1)
+    );
+    let events = store.list_events(&lone[0]).await.unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].name, "dispatched");
+    assert_eq!(events[0].payload, serde_json::json!({ "agentId": "a3" }));
     // A taken id fails the batch: nothing of it is stored.
     let mut fresh_with_id = new_task(&org.id, shell(&["echo", "lost"]));
     fresh_with_id.id = Some(paddock_store::new_task_id());
