@@ -6,11 +6,14 @@
 //! transaction claims the new work for this replica's agents
 //! ([`crate::dispatcher::insert_and_claim`]: no wake-up of the dispatcher, and one commit
 //! where an insert and a claim took two; with one writer the claim could not run beside the
-//! next insert anyway); on PostgreSQL it wakes the dispatcher, which claims on another
-//! connection while the next batch is inserted. One `TaskReady` per org of the batch
-//! goes to the orgs' watchers and the other replicas. A lone submission goes through at once (no timer, no
-//! added wait); under concurrent load the batches grow by themselves. A submission is
-//! answered only after its row is committed, so the durability of a `202` is unchanged.
+//! next insert anyway). On PostgreSQL a batch whose every task has a free agent on this
+//! replica is stored already dispatched to them ([`crate::dispatcher::insert_assigned`]:
+//! one commit where an insert and a claim took two) and the dispatches follow the commit;
+//! any other batch is inserted queued and wakes the dispatcher, which claims on another
+//! connection while the next batch is inserted. One `TaskReady` per org of the batch goes to
+//! the orgs' watchers and the other replicas. A lone submission goes through at once (no
+//! timer, no added wait); under concurrent load the batches grow by themselves. A submission
+//! is answered only after its row is committed, so the durability of a `202` is unchanged.
 //!
 //! If a batch fails, its tasks are stored one by one, so one bad row does not fail the others
 //! and each caller sees its own error.
