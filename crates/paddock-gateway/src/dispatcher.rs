@@ -703,13 +703,7 @@ mod tests {
     async fn submissions_skip_the_claim_only_when_nothing_can_be_ahead() {
         use std::time::{Duration, Instant};
 
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let url = format!("sqlite://{}", dir.path().join("paddock.db").display());
-        let mut cfg = crate::GatewayConfig::new(url);
-        cfg.tick = Duration::from_secs(3600);
-        let gw = crate::Gateway::start(cfg)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (_dir, gw) = crate::test_gateway(|cfg| cfg.tick = Duration::from_secs(3600)).await;
         let state = gw.state().clone();
         let (handle, _rx) = state.hub.register(Registration {
             agent_id: "a1".into(),

@@ -266,8 +266,6 @@ mod tests {
     use paddock_proto::{GatewayMessage, TaskSpec};
     use paddock_store::TaskState;
 
-    use crate::{Gateway, GatewayConfig};
-
     use super::*;
 
     fn task(org: &str, id: Option<String>) -> NewTask {
@@ -296,11 +294,7 @@ mod tests {
     }
 
     async fn submissions_are_stored_and_a_bad_one_fails_alone(through_submit: bool) {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let url = format!("sqlite://{}", dir.path().join("paddock.db").display());
-        let gw = Gateway::start(GatewayConfig::new(url))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (_dir, gw) = crate::test_gateway(|_| {}).await;
         let state = gw.state().clone();
         let org = state
             .store
@@ -357,11 +351,7 @@ mod tests {
     /// was. A good submission after it goes straight to the agent and is stored dispatched.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dispatched_submission_that_cannot_be_stored_is_recalled() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let url = format!("sqlite://{}", dir.path().join("paddock.db").display());
-        let mut cfg = GatewayConfig::new(url);
-        cfg.tick = Duration::from_secs(3600);
-        let gw = Gateway::start(cfg).await.unwrap_or_else(|e| panic!("{e}"));
+        let (_dir, gw) = crate::test_gateway(|cfg| cfg.tick = Duration::from_secs(3600)).await;
         let state = gw.state().clone();
         let org = state
             .store

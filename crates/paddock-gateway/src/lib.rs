@@ -200,3 +200,17 @@ impl Gateway {
         self.state.shutdown.clone()
     }
 }
+
+/// A gateway on a fresh SQLite file for the crate's unit tests, its configuration adjusted
+/// by `adjust`; the directory holding the file lives as long as the returned guard.
+#[cfg(test)]
+pub(crate) async fn test_gateway(
+    adjust: impl FnOnce(&mut GatewayConfig),
+) -> (tempfile::TempDir, Gateway) {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let url = format!("sqlite://{}", dir.path().join("paddock.db").display());
+    let mut cfg = GatewayConfig::new(url);
+    adjust(&mut cfg);
+    let gw = Gateway::start(cfg).await.unwrap_or_else(|e| panic!("{e}"));
+    (dir, gw)
+}

@@ -349,6 +349,20 @@ fn insert_statement(n: usize) -> String {
 pub(crate) const INSERT_DISPATCHED_SQL: &str = "INSERT INTO tasks (id, org_id, kind, required_tag, backend, spec, state, attempt, max_attempts, agent_id, lease_expires_at, queue_deadline_at, created_at, updated_at, dispatched_at) \
      VALUES ($1, $2, $3, $4, $5, $6, 'dispatched', 1, $7, $8, $9, $10, $11, $11, $11)";
 
+/// `sql` with the values $1 to $11 of [`INSERT_DISPATCHED_SQL`] bound: row `r` dispatched
+/// to `req`'s agent, with its lease, at its `now`.
+fn dispatched_row_query<'q>(
+    sql: &'q str,
+    r: &'q InsertRow<'q>,
+    req: &ClaimRequest<'q>,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    bind_task_columns(sqlx::query(sql), r)
+        .bind(req.agent_id)
+        .bind(req.lease_until)
+        .bind(r.task.queue_deadline_at)
+        .bind(req.now)
+}
+
 /// The multi-row `INSERT` of `sql` (built for `rows.len()` rows), bound.
 fn insert_query<'q>(
     sql: &'q str,
@@ -357,18 +371,26 @@ fn insert_query<'q>(
 ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
     let mut q = sqlx::query(sql);
     for r in rows {
-        q = q
-            .bind(r.id.as_str())
-            .bind(r.task.org_id.as_str())
-            .bind(r.task.spec.kind.as_str())
-            .bind(r.required_tag.as_deref())
-            .bind(r.task.spec.sandbox.backend.as_deref())
-            .bind(r.spec.as_str())
-            .bind(i64::from(r.task.max_attempts.max(1)))
+        q = bind_task_columns(q, r)
             .bind(r.task.queue_deadline_at)
             .bind(now);
     }
     q
+}
+
+/// Binds a new task's first seven columns: id, org, kind, required tag, backend, spec and
+/// max attempts (the leading values of every insert of a task).
+fn bind_task_columns<'q>(
+    q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    r: &'q InsertRow<'q>,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    q.bind(r.id.as_str())
+        .bind(r.task.org_id.as_str())
+        .bind(r.task.spec.kind.as_str())
+        .bind(r.required_tag.as_deref())
+        .bind(r.task.spec.sandbox.backend.as_deref())
+        .bind(r.spec.as_str())
+        .bind(i64::from(r.task.max_attempts.max(1)))
 }
 
 impl Store {
@@ -553,18 +575,7 @@ impl Store {
                     .await?;
                 continue;
             };
-            sqlx::query(INSERT_DISPATCHED_SQL)
-                .bind(r.id.as_str())
-                .bind(r.task.org_id.as_str())
-                .bind(r.task.spec.kind.as_str())
-                .bind(r.required_tag.as_deref())
-                .bind(r.task.spec.sandbox.backend.as_deref())
-                .bind(r.spec.as_str())
-                .bind(i64::from(r.task.max_attempts.max(1)))
-                .bind(req.agent_id)
-                .bind(req.lease_until)
-                .bind(r.task.queue_deadline_at)
-                .bind(req.now)
+            dispatched_row_query(INSERT_DISPATCHED_SQL, r, req)
                 .execute(&mut *tx)
                 .await?;
             insert_events(
@@ -1539,18 +1550,7 @@ async fn assigned_pg_statements(
              e AS (INSERT INTO task_events (id, task_id, attempt, name, payload, created_at) SELECT $12, id, 1, 'dispatched', $13, $11 FROM t WHERE state = 'dispatched') \
              SELECT state FROM t"
         );
-        let mut q = sqlx::query(&sql)
-            .bind(r.id.as_str())
-            .bind(r.task.org_id.as_str())
-            .bind(r.task.spec.kind.as_str())
-            .bind(r.required_tag.as_deref())
-            .bind(r.task.spec.sandbox.backend.as_deref())
-            .bind(r.spec.as_str())
-            .bind(i64::from(r.task.max_attempts.max(1)))
-            .bind(req.agent_id)
-            .bind(req.lease_until)
-            .bind(r.task.queue_deadline_at)
-            .bind(req.now)
+        let mut q = dispatched_row_query(&sql, r, req)
             .bind(uuid::Uuid::now_v7().to_string())
             .bind(dispatched_payload(req.agent_id));
         for v in claim_values(req) {
